@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv and install edgeprep first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PIP     = $(BIN)/python -m pip
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+# Re-install only when the packaging inputs change. constraints.txt pins the CPU torch build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(BIN)/edgeprep run recipes/quickstart.yaml --force
+
+test: venv
+	$(BIN)/python -m pytest tests
+
+bench: venv
+	$(BIN)/python benchmarks/ptq_table.py
+	$(BIN)/python benchmarks/profile_repeatability.py
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info

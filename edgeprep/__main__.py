@@ -1,0 +1,3 @@
+from edgeprep.cli import main
+
+main()

@@ -1,0 +1,290 @@
+"""The `edgeprep` command line: parse -> call the library -> print. Errors -> one line + exit code."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from edgeprep.errors import (EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_RUNTIME, BadInputError, EdgeprepError,
+                             GateFailedError)
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Compress PyTorch models, export them to edge runtimes, and prove on each runtime "
+                       "that they are still accurate and really faster.")
+# Not a terminal (CI logs, pipes): rich would fold tables at 80 columns; logs can be wide.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+DEBUG_HELP = "Show the full traceback on errors."
+JSON_HELP = "Print machine-readable JSON on stdout."
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP)) -> None:
+    """edgeprep: compress, export, and prove it on the runtime."""
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- run
+@app.command()
+def run(recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a bundled recipe."),
+        out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<name>)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue after the last completed stage."),
+        force: bool = typer.Option(False, "--force", help="Delete an existing run directory first."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle",
+                                          help="Allow loading full pickles (runs code from the file)."),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress output.")) -> None:
+    """Run a recipe: stages, export, on-runtime validation, gates, report."""
+    from edgeprep.pipeline import RunOptions, run_recipe
+    from edgeprep.recipes_index import resolve_recipe
+
+    path = resolve_recipe(recipe)
+    log = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(f"[dim]›[/dim] {escape(m)}"))
+    report = run_recipe(path, RunOptions(out_dir=out_dir, resume=resume, force=force,
+                                         trust_pickle=trust_pickle, progress=not (quiet or as_json), log=log))
+    if not report:  # a non-zero torchrun rank: rank 0 reports
+        return
+    if as_json:
+        _emit_json(report)
+    else:
+        _print_summary(report, out_dir or Path("runs") / report["recipe"])
+    if not report["passed"]:
+        from edgeprep.gates import raise_for_failed_gates
+
+        raise_for_failed_gates(report["gates"])
+
+
+def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
+    from rich.table import Table
+
+    base = report["baseline"]["metric"]
+    out.print(f"[bold]{report['recipe']}[/bold]: baseline {base['name']} {base['value']:.4f} (PyTorch)")
+    table = Table("artifact", "role", "runtime", "metric", "SQNR dB", "p50 ms", "p90 ms", "speedup",
+                  "low-prec ops", "bytes")
+    for a in report["artifacts"]:
+        m, p, lat, prec = a.get("metric"), a.get("parity") or {}, a.get("latency_ms") or {}, a.get("precision")
+        sq = p.get("sqnr_db")
+        table.add_row(a["name"], a["role"], a["runtime"], f"{m['value']:.4f}" if m else "-",
+                      "identical" if sq is None and p else (f"{sq:.1f}" if sq is not None else "-"),
+                      f"{lat.get('p50', 0):.3f}", f"{lat.get('p90', 0):.3f}",
+                      f"{a['speedup']:.2f}x" if a.get("speedup") else "-",
+                      f"{prec['low_precision_op_fraction']:.2f}" if prec else "-", f"{a['bytes']:,}")
+    out.print(table)
+    for g in report["gates"]:
+        color = "green" if g["passed"] else "red"
+        where = escape(f"[{g['artifact']}]") if g.get("artifact") else ""
+        out.print(f"[{color}]{'PASS' if g['passed'] else 'FAIL'}[/{color}] {g['name']}{where}: "
+                  f"value {g['value']} limit {g['limit']}")
+    out.print(f"report: {run_dir / 'report.html'}  ({'passed' if report['passed'] else 'FAILED'})")
+
+
+# ----------------------------------------------------------------------------- single stages
+@app.command()
+def finetune(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
+             output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
+             steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+             lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+             batch_size: Optional[int] = typer.Option(None, help="Batch size."),
+             distill: bool = typer.Option(False, help="Distill from the checkpoint's own model."),
+             seed: int = typer.Option(0, help="Seed."),
+             trust_pickle: bool = typer.Option(False, "--trust-pickle")) -> None:
+    """Train (or distill into) a checkpoint's model with the shared training loop."""
+    from edgeprep.recipe import DistillConfig, FinetuneConfig, TrainOverrides
+    from edgeprep.single_stage import apply_stage
+
+    cfg = FinetuneConfig(train=TrainOverrides(steps=steps, lr=lr, batch_size=batch_size),
+                         distill=DistillConfig() if distill else None)
+    entry = apply_stage(ckpt, output, cfg, seed=seed, trust_pickle=trust_pickle)
+    out.print(f"finetune: {entry['metric']['name']} {entry['metric']['value']:.4f} -> {output}")
+
+
+@app.command()
+def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
+           target: str = typer.Option(..., "--target", "-t", help="Export target, e.g. onnx."),
+           output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+           opset: int = typer.Option(18, help="ONNX opset (>= 18)."),
+           optimize: str = typer.Option("extended", help="ORT graph optimization level."),
+           mobile: bool = typer.Option(False, help="Also write ORT's .ort format."),
+           trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Export a checkpoint to one target (artifact dir with manifest and reference data)."""
+    from edgeprep.single_stage import export_checkpoint
+
+    art = export_checkpoint(ckpt, output, {"target": target, "opset": opset, "optimize": optimize,
+                                           "mobile": mobile}, trust_pickle=trust_pickle)
+    if as_json:
+        _emit_json({"name": art.name, "target": art.target, "path": str(art.path), "bytes": art.size_bytes,
+                    "sha256": art.sha256})
+    else:
+        out.print(f"exported {art.target}: {art.path} ({art.size_bytes:,} bytes, sha256 {art.sha256[:12]})")
+
+
+# ----------------------------------------------------------------------------- judge artifacts
+@app.command()
+def profile(artifact: Path = typer.Argument(..., help="Artifact directory or model file."),
+            warmup: int = typer.Option(20, min=0), iters: int = typer.Option(200, min=5),
+            threads: int = typer.Option(1, min=1), batch: int = typer.Option(1, min=1),
+            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Latency percentiles of an artifact on its runtime."""
+    from edgeprep.validate import profile_path
+
+    art, stats = profile_path(artifact, warmup=warmup, iters=iters, threads=threads, batch=batch)
+    if as_json:
+        _emit_json({"artifact": str(art.path), "runtime": art.runtime, "latency_ms": stats.to_report()})
+        return
+    lo, hi = stats.ci95_p50_ms
+    out.print(f"{art.path} on {art.runtime}: p50 {stats.p50_ms:.3f} ms (95% CI {lo:.3f}-{hi:.3f}), "
+              f"p90 {stats.p90_ms:.3f}, p99 {stats.p99_ms:.3f}, mean {stats.mean_ms:.3f} ms "
+              f"[{stats.iters} iters, {stats.threads} thread(s), batch {stats.batch}]")
+
+
+@app.command()
+def validate(artifact: Path = typer.Argument(..., help="Artifact directory (with manifest.json)."),
+             min_sqnr_db: Optional[float] = typer.Option(None, help="Fail (exit 1) below this SQNR."),
+             min_top1_agreement: Optional[float] = typer.Option(None, help="Fail (exit 1) below this."),
+             iters: int = typer.Option(50, min=5), threads: int = typer.Option(1, min=1),
+             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Re-check an artifact alone: integrity, parity with its reference outputs, metric, latency."""
+    from edgeprep.validate import judge_artifact_dir
+
+    if not artifact.is_dir():
+        raise BadInputError(f"{artifact}: validate needs an artifact directory with manifest.json "
+                            "(a bare model file has no reference outputs); use `edgeprep profile` for files")
+    art, entry = judge_artifact_dir(artifact, warmup=5, iters=iters, threads=threads, batch=1)
+    sq = entry["parity"]["sqnr_db"]
+    failures = []
+    if min_sqnr_db is not None and sq is not None and sq < min_sqnr_db:
+        failures.append(f"SQNR {sq:.2f} dB < {min_sqnr_db} dB")
+    agree = entry["parity"]["top1_agreement"]
+    if min_top1_agreement is not None and agree is not None and agree < min_top1_agreement:
+        failures.append(f"top-1 agreement {agree:.4f} < {min_top1_agreement}")
+    if as_json:
+        _emit_json({"artifact": str(art.path), **entry, "passed": not failures})
+    else:
+        m = entry.get("metric")
+        out.print(f"{art.name} ({art.runtime}): sha256 ok; SQNR "
+                  f"{'identical' if sq is None else f'{sq:.2f} dB'}, max abs {entry['parity']['max_abs']:.3g}, "
+                  f"top-1 agreement {agree:.4f}"
+                  + (f", {m['name']} {m['value']:.4f} on {m['samples']} reference samples" if m else "")
+                  + f", p50 {entry['latency_ms']['p50']:.3f} ms")
+    if failures:
+        err.print(f"[red]error:[/red] {art.name}: " + "; ".join(failures))
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+def check(report: Path = typer.Argument(..., help="report.json (or run directory) under test."),
+          baseline: Path = typer.Option(..., "--baseline", help="Stored baseline report.json."),
+          junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here."),
+          latency_tolerance: float = typer.Option(0.15, help="Allowed p50 latency growth (fraction)."),
+          metric_tolerance: float = typer.Option(0.0, help="Allowed metric drop (absolute)."),
+          sqnr_tolerance_db: float = typer.Option(1.0, help="Allowed parity SQNR drop (dB)."),
+          size_tolerance: float = typer.Option(0.01, help="Allowed artifact size growth (fraction)."),
+          as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """CI gate: compare a report with a baseline report; exit 1 on regression."""
+    from edgeprep.check import compare, load_report, write_junit
+
+    result = compare(load_report(report), load_report(baseline), latency_tolerance=latency_tolerance,
+                     metric_tolerance=metric_tolerance, sqnr_tolerance_db=sqnr_tolerance_db,
+                     size_tolerance=size_tolerance)
+    if junit:
+        write_junit(result, junit)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        for c in result.cases:
+            color = "yellow" if c.skipped else ("green" if c.passed else "red")
+            word = "SKIP" if c.skipped else ("PASS" if c.passed else "FAIL")
+            out.print(f"[{color}]{word}[/{color}] {escape(c.name)}: {escape(c.message)}")
+    if not result.passed:
+        raise GateFailedError(result.summary())
+
+
+# ----------------------------------------------------------------------------- listings
+@app.command()
+def recipes(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """List the bundled recipes."""
+    from edgeprep.recipes_index import bundled_recipes
+
+    rows = bundled_recipes()
+    if as_json:
+        _emit_json(rows)
+        return
+    for r in rows:
+        out.print(f"[bold]{r['name']}[/bold]  {r['description']}  ({r['path']})")
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """List the built-in model zoo."""
+    from edgeprep.models import list_models
+
+    rows = list_models()
+    if as_json:
+        _emit_json(rows)
+        return
+    for r in rows:
+        out.print(f"[bold]{r['name']}[/bold]  {r['params']:,} params, input {tuple(r['input_shape'])}, "
+                  f"data {r['data']}: {r['description']}")
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Which runtimes and extras are installed, their versions, and whether they run here."""
+    from edgeprep.doctor import diagnose
+
+    rows = diagnose()
+    if as_json:
+        _emit_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table("component", "installed", "version", "usable here", "note")
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["installed"] else "no", r["version"] or "-",
+                      "[green]yes[/green]" if r["usable"] else "[red]no[/red]", r["note"])
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------- entry point
+def main(argv: Optional[list[str]] = None) -> None:
+    from typer.exceptions import TyperException
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        code = app(args=argv, prog_name="edgeprep", standalone_mode=False)
+    except EdgeprepError as exc:
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        code = exc.exit_code
+    except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] {escape(' '.join(exc.format_message().split()))} (see `edgeprep --help`)",
+                  soft_wrap=True)
+        code = getattr(exc, "exit_code", EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        err.print("error: interrupted; completed stages are kept, continue with `edgeprep run --resume`")
+        code = 130
+    except Exception as exc:  # a bug or an unexpected library failure: still one line by default
+        if debug:
+            raise
+        err.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(' '.join(str(exc).split())[:300])} "
+                  "(rerun with --debug for the traceback)", soft_wrap=True)
+        code = EXIT_RUNTIME
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""`edgeprep doctor`: each runtime / extra: installed?, version, usable here?"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import importlib.util
+import platform
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str  # what the user knows it as
+    module: str  # import name
+    dist: str  # distribution name for the version
+    extra: Optional[str]  # edgeprep extra that installs it (None: core dependency)
+    targets: str  # export targets that need it
+    probe: Optional[Callable[[], tuple[bool, str]]] = None  # does it really work on this machine?
+
+
+def _ort_probe() -> tuple[bool, str]:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"x": np.array([1.0, 2.0], np.float32)})[0]
+    ok = bool(np.allclose(out, [2.0, 4.0]))
+    return ok, f"ran a test graph on {', '.join(ort.get_available_providers())}" if ok else "wrong result"
+
+
+def _coreml_probe() -> tuple[bool, str]:
+    if platform.system() != "Darwin":
+        return True, "conversion only; CoreML prediction needs macOS"
+    return True, "conversion and prediction (macOS)"
+
+
+def _tensorrt_probe() -> tuple[bool, str]:
+    import tensorrt  # noqa: F401  (import succeeds only with its libraries)
+
+    return True, "imported; needs an NVIDIA GPU to build engines"
+
+
+COMPONENTS: tuple[Component, ...] = (
+    Component("torch", "torch", "torch", None, "all"),
+    Component("onnx", "onnx", "onnx", None, "onnx"),
+    Component("onnxscript", "onnxscript", "onnxscript", None, "onnx (dynamo exporter)"),
+    Component("onnxruntime", "onnxruntime", "onnxruntime", None, "onnx, ort-mobile", _ort_probe),
+    Component("coremltools", "coremltools", "coremltools", "coreml", "coreml", _coreml_probe),
+    Component("executorch", "executorch", "executorch", "executorch", "executorch"),
+    Component("ai-edge-litert", "ai_edge_litert", "ai-edge-litert", "litert", "litert (interpreter)"),
+    Component("litert-torch", "litert_torch", "litert-torch", "litert-convert", "litert (converter)"),
+    Component("tensorrt", "tensorrt", "tensorrt", "tensorrt", "tensorrt", _tensorrt_probe),
+    Component("transformers", "transformers", "transformers", "hf", "Hugging Face models"),
+)
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def diagnose() -> list[dict]:
+    rows = []
+    for c in COMPONENTS:
+        installed = importlib.util.find_spec(c.module) is not None
+        row = {"name": c.name, "installed": installed, "version": _version(c.dist) if installed else None,
+               "extra": c.extra, "targets": c.targets, "usable": False, "note": ""}
+        if not installed:
+            row["note"] = f"pip install 'edgeprep[{c.extra}]'" if c.extra else "core dependency missing: reinstall edgeprep"
+        else:
+            try:
+                importlib.import_module(c.module)
+                row["usable"], row["note"] = c.probe() if c.probe else (True, "imports")
+            except Exception as exc:  # a broken install must show here, not crash doctor
+                row["note"] = f"installed but fails: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        rows.append(row)
+    return rows

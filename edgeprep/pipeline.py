@@ -1,0 +1,317 @@
+"""Run a recipe: load -> stages (checkpoint after each) -> export -> judge on runtime -> gates -> report.
+
+Run directory layout (DESIGN.md):
+  recipe.yaml                      the resolved recipe
+  stages/<i>-<kind>/checkpoint/    checkpoint.json + model.safetensors (atomic)
+  stages/<i>-<kind>/done.json      marker with the stage's report entry; a stage is done only then
+  artifacts/<name>/                exported files + manifest.json + reference.npz (atomic)
+  report.json, report.md, report.html, plots/
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from edgeprep import __version__
+from edgeprep.context import Context, StageReport
+from edgeprep.errors import BadInputError
+from edgeprep.fsutil import atomic_dir, write_json_atomic, write_text_atomic
+from edgeprep.data import BUILTIN_SOURCES
+from edgeprep.manifest import load_artifact, write_manifest
+from edgeprep.measure.metrics import metric_for, torch_outputs
+from edgeprep.recipe import Recipe, load_recipe
+
+DONE_MARKER = "done.json"
+# Stage kinds that keep the model a plain fp32 model of the same structure: the fp32 baseline is
+# the model after the leading run of these (e.g. the quickstart's training), before compression.
+NON_COMPRESSING_KINDS = frozenset({"finetune"})
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunOptions:
+    out_dir: Optional[Path] = None
+    resume: bool = False
+    force: bool = False
+    trust_pickle: bool = False
+    progress: bool = True
+    log: Log = print
+
+
+def run_recipe(recipe_path: Path, opts: RunOptions) -> dict[str, Any]:
+    recipe = load_recipe(recipe_path)
+    return run(recipe, Path(recipe_path).resolve().parent, opts)
+
+
+def run(recipe: Recipe, base_dir: Path, opts: RunOptions) -> dict[str, Any]:
+    from edgeprep.train import is_main_process
+
+    run_dir = Path(opts.out_dir) if opts.out_dir else Path("runs") / recipe.name
+    main = is_main_process()
+    state = _load_inputs(recipe, base_dir, opts)  # bad model/data fail before anything is written
+    if main:
+        _prepare_run_dir(run_dir, recipe, opts)
+    model, baseline_model, stage_entries = _run_stages(recipe, state, run_dir, opts, main)
+    if not main:  # under torchrun only rank 0 exports, validates and reports
+        return {}
+    return _finish(recipe, state, run_dir, model, baseline_model, stage_entries, opts)
+
+
+# ----------------------------------------------------------------------------- run dir
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, opts: RunOptions) -> None:
+    recipe_yaml = recipe.to_yaml()
+    stored = run_dir / "recipe.yaml"
+    if _holds_results(run_dir):
+        if opts.force:
+            shutil.rmtree(run_dir)
+        elif opts.resume:
+            if stored.is_file() and stored.read_text() != recipe_yaml:
+                raise BadInputError(f"{run_dir}: the recipe changed since this run started; "
+                                    "resume needs the same recipe (use --force to start over)")
+        else:
+            raise BadInputError(f"{run_dir} already holds a run; pass --resume to continue it, "
+                                "--force to start over, or --out DIR for a new one")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stored, recipe_yaml)
+
+
+def _holds_results(run_dir: Path) -> bool:
+    """A completed stage, artifact or report: something a user would not want silently replaced."""
+    return run_dir.is_dir() and (any(run_dir.glob(f"stages/*/{DONE_MARKER}")) or (run_dir / "report.json").exists()
+                                 or any(run_dir.glob("artifacts/*/manifest.json")))
+
+
+@dataclass
+class _Inputs:
+    data: Any
+    data_cfg: Any  # the resolved DataConfig (source filled in, paths absolute)
+    base_dir: Path  # the recipe's folder: relative paths and local factories resolve against it
+    trust_pickle: bool  # recipe.model.trust_pickle or --trust-pickle
+    model: torch.nn.Module
+    model_name: str
+    example_inputs: tuple[torch.Tensor, ...]
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+
+
+def _load_inputs(recipe: Recipe, base_dir: Path, opts: RunOptions) -> _Inputs:
+    from edgeprep.data import load_data
+    from edgeprep.models import load_model
+
+    handle = load_model(recipe.model, base_dir=base_dir, trust_pickle=opts.trust_pickle)
+    data_cfg = recipe.data
+    if data_cfg.source is None:
+        if not handle.data:
+            raise BadInputError(f"model {recipe.model.source!r} has no default data set; set data.source "
+                                "(digits, digits32, a .npz file or an image folder)")
+        data_cfg = data_cfg.model_copy(update={"source": handle.data})
+    if data_cfg.source not in BUILTIN_SOURCES and (base_dir / data_cfg.source).exists():  # a path: make it absolute so checkpoints are portable
+        data_cfg = data_cfg.model_copy(update={"source": str((base_dir / data_cfg.source).resolve())})
+    data = load_data(data_cfg, base_dir=base_dir)
+    if handle.input_shape is not None and tuple(handle.input_shape) != tuple(data.input_shape):
+        raise BadInputError(f"model {handle.name} expects inputs of shape {tuple(handle.input_shape)} but data "
+                            f"{data.name} gives {tuple(data.input_shape)}; choose matching data.source")
+    split = data.split(recipe.validate_.split)
+    n = recipe.validate_.max_samples or len(split)
+    # A real batch of 2: exporting with batch 1 bakes batch 1 into some graphs.
+    example = (split.x[:2].clone(),)
+    trust = opts.trust_pickle or recipe.model.trust_pickle
+    return _Inputs(data, data_cfg, base_dir, trust, handle.module, handle.name, example, split.x[:n], split.y[:n])
+
+
+# ----------------------------------------------------------------------------- stages
+def _stage_dir(run_dir: Path, i: int, kind: str) -> Path:
+    return run_dir / "stages" / f"{i}-{kind}"
+
+
+def _first_compression(recipe: Recipe) -> int:
+    for i, st in enumerate(recipe.stages):
+        if st.kind not in NON_COMPRESSING_KINDS:
+            return i
+    return len(recipe.stages)
+
+
+def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions, main: bool):
+    from edgeprep.checkpoint import load_checkpoint, save_checkpoint
+    from edgeprep.stages import get_stage
+
+    model = state.model.eval()
+    decisions: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = []
+    first_compression = _first_compression(recipe)
+    baseline_model = model if first_compression == 0 else None
+    metric_name, metric_fn = metric_for(state.data.task)
+    for i, cfg in enumerate(recipe.stages):
+        sdir = _stage_dir(run_dir, i, cfg.kind)
+        marker = sdir / DONE_MARKER
+        if opts.resume and marker.is_file():
+            ckpt = load_checkpoint(sdir / "checkpoint", trust_pickle=state.trust_pickle)
+            model, decisions = ckpt.model.eval(), list(ckpt.decisions)
+            import json
+
+            entries.append(json.loads(marker.read_text()))
+            opts.log(f"stage {i} ({cfg.kind}): done in an earlier run, loaded its checkpoint")
+        else:
+            opts.log(f"stage {i} ({cfg.kind}): running")
+            ctx = Context(data=state.data, train=recipe.train, example_inputs=state.example_inputs,
+                          seed=recipe.seed + i, report=StageReport(kind=cfg.kind),
+                          teacher=_frozen_copy(model), run_dir=run_dir, stage_dir=sdir,
+                          progress=opts.progress, decisions=decisions)
+            if main:
+                sdir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            model = get_stage(cfg).apply(model, ctx).eval()
+            seconds = time.perf_counter() - t0
+            decisions = ctx.decisions
+            entry = _stage_entry(cfg.kind, seconds, model, state, ctx.report, metric_name, metric_fn)
+            if main:
+                meta = {"stage": i, "kind": cfg.kind, "input_shape": list(state.data.input_shape),
+                        "data": state.data_cfg.model_dump(mode="json"), "task": state.data.task}
+                save_checkpoint(sdir / "checkpoint", model, recipe.model, decisions, meta, base_dir=state.base_dir)
+                write_json_atomic(marker, entry)  # after the checkpoint: the marker means "complete"
+            entries.append(entry)
+            opts.log(f"stage {i} ({cfg.kind}): {metric_name} {entry['metric']['value']:.4f} "
+                     f"in {seconds:.1f} s")
+        if i + 1 == first_compression:
+            baseline_model = model
+    if baseline_model is None:
+        baseline_model = model
+    return model, baseline_model, entries
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _stage_entry(kind, seconds, model, state: _Inputs, report: StageReport, metric_name, metric_fn):
+    from edgeprep.measure.cost import count_macs, count_params
+
+    value = metric_fn(torch_outputs(model, state.eval_x), state.eval_y.numpy())
+    return {"kind": kind, "seconds": round(seconds, 3), "params": count_params(model),
+            "macs": count_macs(model, (state.example_inputs[0][:1],)),
+            "metric": {"name": metric_name, "value": value}, "notes": list(report.notes),
+            "details": dict(report.metrics)}
+
+
+# ----------------------------------------------------------------------------- export + judge
+def _export_one(exporter, model, example, out_dir: Path, cfg, name: str, role: str, task: str,
+                ref_x: np.ndarray, labels: np.ndarray):
+    import dataclasses
+
+    ref_out = torch_outputs(model, torch.from_numpy(ref_x))
+    with atomic_dir(out_dir) as tmp:
+        art = exporter.export(model, example, tmp, cfg)
+        art = dataclasses.replace(art, name=name, role=role,
+                                  info={**dict(art.info), "optimize": cfg.optimize})
+        write_manifest(art, task=task, ref_inputs=[ref_x], ref_outputs=[ref_out], labels=labels)
+    return load_artifact(out_dir)
+
+
+def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model, stage_entries, opts):
+    from edgeprep.exporters import get_exporter
+    from edgeprep.gates import evaluate_gates
+    from edgeprep.measure.cost import count_macs, count_params
+    from edgeprep.report import write_reports
+    from edgeprep.validate import judge
+
+    task = state.data.task
+    metric_name, metric_fn = metric_for(task)
+    vcfg = recipe.validate_
+    eval_x, eval_y = state.eval_x.numpy(), state.eval_y.numpy()
+    ref_x = np.ascontiguousarray(eval_x[:vcfg.parity_samples])
+    ref_y = eval_y[:vcfg.parity_samples]
+    baseline_value = metric_fn(torch_outputs(baseline_model, state.eval_x), eval_y)
+    compressed = baseline_model is not model
+
+    artifacts: list[tuple[Any, Any]] = []  # (Artifact, reference outputs source model)
+    for cfg in recipe.export:
+        exporter = get_exporter(cfg.target)
+        name = cfg.artifact_name
+        opts.log(f"export {name} ({cfg.target})")
+        art = _export_one(exporter, model, state.example_inputs, run_dir / "artifacts" / name, cfg,
+                          name, "edgeprep", task, ref_x, ref_y)
+        artifacts.append(art)
+        base_art = art
+        if compressed:
+            base_art = _export_one(exporter, baseline_model, state.example_inputs,
+                                   run_dir / "artifacts" / f"{name}-baseline", cfg, f"{name}-baseline",
+                                   "baseline", task, ref_x, ref_y)
+            artifacts.append(base_art)
+        calib = [np.ascontiguousarray(state.data.calib.numpy())]
+        for peer in exporter.derived(base_art, calib, run_dir / "artifacts", cfg):
+            artifacts.append(_adopt_peer(peer, baseline_model, task, ref_x, ref_y))
+
+    entries = []
+    speed_ref: dict[str, float] = {}
+    for art in artifacts:
+        opts.log(f"judge {art.name} on {art.runtime}")
+        ref_model = model if art.role == "edgeprep" else baseline_model
+        ref_out = torch_outputs(ref_model, torch.from_numpy(ref_x))
+        measured = judge(art, task=task, ref_inputs=ref_x, ref_outputs=ref_out, eval_x=eval_x, eval_y=eval_y,
+                         warmup=vcfg.profile.warmup, iters=vcfg.profile.iters,
+                         threads=vcfg.profile.threads, batch=vcfg.profile.batch)
+        entry = {"name": art.name, "target": art.target, "runtime": art.runtime, "role": art.role,
+                 "path": str(art.path), "bytes": art.size_bytes, "sha256": art.sha256, **measured,
+                 "info": dict(art.info)}
+        entries.append(entry)
+        if art.role == "baseline" or (art.role == "edgeprep" and not compressed):
+            speed_ref[art.target] = entry["latency_ms"]["p50"]
+    for entry in entries:
+        ref = speed_ref.get(entry["target"])
+        entry["speedup"] = (ref / entry["latency_ms"]["p50"]) if ref else None
+
+    report = {
+        "schema": "edgeprep.report/1",
+        "recipe": recipe.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "edgeprep_version": __version__,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "cpu_threads": torch.get_num_threads()},
+        "model": {"name": state.model_name, "params": count_params(model),
+                  "macs": count_macs(model, (state.example_inputs[0][:1],))},
+        "baseline": {"metric": {"name": metric_name, "value": baseline_value},
+                     "params": count_params(baseline_model),
+                     "bytes": _baseline_bytes(entries)},
+        "stages": stage_entries,
+        "artifacts": entries,
+    }
+    report["gates"] = evaluate_gates(recipe.gates, report)
+    report["passed"] = all(g["passed"] for g in report["gates"])
+    write_reports(run_dir, report)
+    return report
+
+
+def _adopt_peer(peer, baseline_model, task, ref_x, ref_y):
+    """Write the manifest for a peer artifact an exporter derived (e.g. ORT PTQ)."""
+    import dataclasses
+
+    from edgeprep.types import Artifact
+
+    if not isinstance(peer, Artifact):
+        raise TypeError("Exporter.derived must return Artifacts")
+    ref_out = torch_outputs(baseline_model, torch.from_numpy(ref_x))
+    peer = dataclasses.replace(peer, role="ptq")
+    write_manifest(peer, task=task, ref_inputs=[ref_x], ref_outputs=[ref_out], labels=ref_y)
+    return load_artifact(peer.dir)
+
+
+def _baseline_bytes(entries: list[dict[str, Any]]) -> Optional[int]:
+    for role in ("baseline", "edgeprep"):
+        for e in entries:
+            if e["role"] == role:
+                return e["bytes"]
+    return None

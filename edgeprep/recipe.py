@@ -1,0 +1,266 @@
+"""The recipe: pydantic models, ``extra="forbid"`` at every level, stages as a discriminated union.
+
+Everything that can be checked without running is checked here, at load time: unknown keys (with
+their path, e.g. ``stages.1.pruning_ratio``), wrong types, unknown stage kinds and targets, and the
+order of stages across the recipe.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgeprep.errors import RecipeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- model / data
+class ModelConfig(Strict):
+    # zoo name | "package.module:factory" | path to .ts/.torchscript | .pt2 | .safetensors | .pt
+    source: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # factory keyword arguments
+    factory: Optional[str] = None  # "package.module:factory" that builds the module for .safetensors
+    input_shape: Optional[list[int]] = None  # per-sample input shape when the source cannot tell
+    trust_pickle: bool = False  # allow full-pickle .pt loading (runs code from the file!)
+
+
+class DataConfig(Strict):
+    # "digits" (8x8) | "digits32" (32x32 upsampled) | path to .npz (x, y) | image folder.
+    # None: the zoo model's own data set (e.g. vit-bench -> digits32).
+    source: Optional[str] = None
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    image_size: Optional[list[int]] = None  # image folder: resize to [H, W]
+    calibration_samples: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        return self
+
+
+# ----------------------------------------------------------------------------- training
+class DistillConfig(Strict):
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)  # weight of KD loss; (1 - alpha) on ground-truth CE
+
+
+class TrainConfig(Strict):
+    """Defaults for every training stage; a stage may override any of them."""
+
+    steps: int = Field(300, ge=1)  # optimizer steps
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    grad_accum_steps: int = Field(1, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
+    checkpoint_every: int = Field(0, ge=0)  # 0: keep the last good weights in memory only
+
+
+class TrainOverrides(Strict):
+    steps: Optional[int] = Field(None, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1)
+    lr: Optional[float] = Field(None, gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    grad_clip_norm: Optional[float] = Field(None, ge=0)  # 0 disables clipping
+    grad_accum_steps: Optional[int] = Field(None, ge=1)
+    eval_every: Optional[int] = Field(None, ge=0)
+    checkpoint_every: Optional[int] = Field(None, ge=0)
+
+    def resolve(self, defaults: TrainConfig) -> TrainConfig:
+        return defaults.model_copy(update=self.model_dump(exclude_none=True))
+
+
+# ----------------------------------------------------------------------------- stages
+class StageConfig(Strict):
+    kind: str
+    targets: list[str] = Field(default_factory=list)  # module FQNs or "re:<regex>"; empty = all
+    ignore: list[str] = Field(default_factory=list)
+
+
+class FinetuneConfig(StageConfig):
+    """Train (or distill into) the current model with the shared training loop."""
+
+    kind: Literal["finetune"] = "finetune"
+    train: TrainOverrides = Field(default_factory=TrainOverrides)
+    distill: Optional[DistillConfig] = None  # None: plain cross-entropy; else KD from the teacher
+
+
+# Stage kinds in the order they may appear. ``finetune`` may go anywhere; every other kind must
+# come after all kinds of a lower rank (e.g. prune before reparam before qat/binarize), and the
+# low-precision kinds are mutually exclusive. Later issues add their kinds here.
+STAGE_RANK: dict[str, int] = {"prune": 1, "reparam": 2, "qat": 3, "binarize": 3}
+EXCLUSIVE_KINDS: tuple[frozenset[str], ...] = (frozenset({"qat", "binarize"}),)
+
+STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig,)
+STAGE_KINDS: tuple[str, ...] = tuple(c.model_fields["kind"].default for c in STAGE_CONFIGS)
+StageUnion = Annotated[Union[STAGE_CONFIGS], Field(discriminator="kind")]
+
+
+def check_stage_order(kinds: list[str]) -> None:
+    """Raise ValueError when ``kinds`` break the cross-stage order rules."""
+    for group in EXCLUSIVE_KINDS:
+        present = sorted(group.intersection(kinds))
+        if len(present) > 1:
+            raise ValueError(f"stages {' and '.join(present)} cannot both appear in one recipe")
+    highest, highest_at = 0, -1
+    for i, kind in enumerate(kinds):
+        rank = STAGE_RANK.get(kind)
+        if rank is None:
+            continue
+        if rank < highest:
+            before = kinds[highest_at]
+            raise ValueError(f"stage {i} ({kind}) must come before stage {highest_at} ({before}): "
+                             f"order is prune, reparam, then qat or binarize")
+        highest, highest_at = rank, i
+
+
+# ----------------------------------------------------------------------------- export
+OptimizeLevel = Literal["disable", "basic", "extended", "all"]
+
+
+class ExportTargetConfig(Strict):
+    target: str
+    name: Optional[str] = None  # artifact directory name; defaults to the target
+    # onnx options
+    opset: int = Field(18, ge=18)
+    dynamo: bool = True  # dynamo exporter, falling back to TorchScript (recorded in the report)
+    optimize: OptimizeLevel = "extended"  # ORT graph optimization level used to run/profile
+    mobile: bool = False  # also write ORT's .ort format
+    ptq: list[Literal["dynamic", "static"]] = Field(default_factory=list)  # ORT PTQ peers
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, v: str) -> str:
+        from edgeprep.exporters import EXPORTERS
+
+        if v not in EXPORTERS:
+            raise ValueError(f"unknown target {v!r}; valid targets: {', '.join(sorted(EXPORTERS))}")
+        return v
+
+    @property
+    def artifact_name(self) -> str:
+        return self.name or self.target
+
+
+# ----------------------------------------------------------------------------- validate / gates
+class ProfileConfig(Strict):
+    warmup: int = Field(20, ge=0)
+    iters: int = Field(200, ge=5)
+    threads: int = Field(1, ge=1)
+    batch: int = Field(1, ge=1)
+
+
+class ValidateConfig(Strict):
+    split: Literal["train", "val", "test"] = "test"
+    max_samples: Optional[int] = Field(None, ge=1)  # cap on eval samples for the task metric
+    parity_samples: int = Field(256, ge=1)  # reference inputs stored in each manifest
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+
+
+class GatesConfig(Strict):
+    max_metric_drop: Optional[float] = Field(None, ge=0)  # baseline metric - artifact metric
+    min_sqnr_db: Optional[float] = None
+    max_latency_ms_p90: Optional[float] = Field(None, gt=0)
+    min_speedup: Optional[float] = Field(None, gt=0)  # baseline fp32 p50 / artifact p50
+    max_size_bytes: Optional[int] = Field(None, gt=0)
+
+
+# ----------------------------------------------------------------------------- recipe
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    stages: list[StageUnion] = Field(default_factory=list)
+    export: list[ExportTargetConfig] = Field(default_factory=list)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        check_stage_order([s.kind for s in self.stages])
+        names = [e.artifact_name for e in self.export]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"export: artifact name(s) {', '.join(dupes)} used twice; give each a distinct `name`")
+        if self.gates.min_speedup is not None and not self.export:
+            raise ValueError("gates.min_speedup needs at least one export target")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the discriminator value into the path ("stages.0.finetune.lr"); drop it so the
+    # path is the one the user sees in the YAML ("stages.0.lr").
+    parts = list(loc)
+    if len(parts) >= 3 and parts[0] == "stages" and isinstance(parts[1], int) and parts[2] in STAGE_KINDS:
+        del parts[2]
+    return ".".join("validate" if p == "validate_" else str(p) for p in parts)
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = _format_loc(tuple(first["loc"]))
+    msg = first["msg"]
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = f"unknown key {loc.rsplit('.', 1)[-1]!r}; remove it or check its spelling"
+    elif kind == "union_tag_invalid":
+        msg = f"unknown stage kind {first['input'].get('kind')!r}" if isinstance(first.get("input"), dict) else msg
+        msg += f"; valid kinds: {', '.join(STAGE_KINDS)}"
+    elif kind == "union_tag_not_found":
+        msg = f"stage has no `kind`; valid kinds: {', '.join(STAGE_KINDS)}"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    where = f" at {loc}" if loc else ""
+    return f"{source}: invalid recipe{where}: {msg}{more}"
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping with at least `name` and `model`")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_one_line(err, source)) from None
+
+
+def parse_export_target(data: dict[str, Any], where: str) -> ExportTargetConfig:
+    """Validate one export target given outside a recipe (CLI options), with the same messages."""
+    try:
+        return ExportTargetConfig.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_one_line(err, where)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found; `edgeprep recipes` lists the bundled ones")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise RecipeError(f"{path}:{where}: malformed YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file; a recipe is UTF-8 YAML") from None
+    return parse_recipe(data, str(path))

@@ -1,0 +1,80 @@
+"""One stage or one export on a checkpoint, for chaining by hand (`edgeprep finetune|export CKPT`).
+
+A checkpoint's meta records the resolved data config, so a stage run alone sees the same data as
+the recipe that produced it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from edgeprep.context import Context, StageReport
+from edgeprep.errors import BadInputError
+from edgeprep.fsutil import atomic_dir
+from edgeprep.manifest import load_artifact, write_manifest
+from edgeprep.measure.metrics import metric_for, torch_outputs
+from edgeprep.recipe import DataConfig, ExportTargetConfig, TrainConfig
+from edgeprep.types import Artifact
+
+REFERENCE_SAMPLES = 256
+
+
+def _load(ckpt_dir: Path, trust_pickle: bool):
+    from edgeprep.checkpoint import load_checkpoint
+    from edgeprep.data import load_data
+
+    ckpt = load_checkpoint(ckpt_dir, trust_pickle=trust_pickle)
+    if "data" not in ckpt.meta:
+        raise BadInputError(f"{ckpt_dir}: checkpoint has no data config in its meta; "
+                            "it was not written by `edgeprep run` or a stage command")
+    data = load_data(DataConfig(**ckpt.meta["data"]))
+    return ckpt, data
+
+
+def apply_stage(ckpt_dir: Path, out_dir: Path, config: Any, seed: int = 0,
+                trust_pickle: bool = False) -> dict[str, Any]:
+    from edgeprep.checkpoint import read_checkpoint_json, save_checkpoint
+    from edgeprep.stages import get_stage
+
+    ckpt, data = _load(Path(ckpt_dir), trust_pickle)
+    model = ckpt.model.eval()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    ctx = Context(data=data, train=TrainConfig(), example_inputs=(data.test.x[:2].clone(),), seed=seed,
+                  report=StageReport(kind=config.kind), teacher=teacher, stage_dir=Path(out_dir),
+                  decisions=list(ckpt.decisions))
+    t0 = time.perf_counter()
+    model = get_stage(config).apply(model, ctx).eval()
+    name, fn = metric_for(data.task)
+    entry = {"kind": config.kind, "seconds": round(time.perf_counter() - t0, 3),
+             "metric": {"name": name, "value": fn(torch_outputs(model, data.test.x), data.test.y.numpy())},
+             "notes": ctx.report.notes}
+    base_dir = read_checkpoint_json(Path(ckpt_dir)).get("base_dir")  # where a local factory module lives
+    save_checkpoint(Path(out_dir), model, ckpt.model_cfg, ctx.decisions, {**ckpt.meta, "last_stage": entry},
+                    base_dir=Path(base_dir) if base_dir else None)
+    return entry
+
+
+def export_checkpoint(ckpt_dir: Path, out_dir: Path, options: Mapping[str, Any],
+                      trust_pickle: bool = False) -> Artifact:
+    from edgeprep.exporters import get_exporter
+    from edgeprep.recipe import parse_export_target
+
+    cfg: ExportTargetConfig = parse_export_target(dict(options), where="--target/options")
+    ckpt, data = _load(Path(ckpt_dir), trust_pickle)
+    model = ckpt.model.eval()
+    ref_x = np.ascontiguousarray(data.test.x[:REFERENCE_SAMPLES].numpy())
+    ref_out = torch_outputs(model, torch.from_numpy(ref_x))
+    exporter = get_exporter(cfg.target)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        art = exporter.export(model, (data.test.x[:2].clone(),), tmp, cfg)
+        art = dataclasses.replace(art, name=out_dir.name, info={**dict(art.info), "optimize": cfg.optimize})
+        write_manifest(art, task=data.task, ref_inputs=[ref_x], ref_outputs=[ref_out],
+                       labels=data.test.y[:REFERENCE_SAMPLES].numpy())
+    return load_artifact(out_dir)

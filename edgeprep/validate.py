@@ -1,0 +1,129 @@
+"""Judge one artifact on its own runtime: parity, task metric, latency, precision census.
+
+Used by the pipeline for every exported artifact and by ``edgeprep validate`` / ``profile`` on an
+artifact directory alone (then the manifest's reference inputs/outputs are the ground truth).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from edgeprep.errors import BadInputError
+from edgeprep.manifest import MANIFEST_NAME, load_artifact, load_reference
+from edgeprep.measure.metrics import metric_for
+from edgeprep.types import Artifact, LatencyStats, TensorSpec
+
+
+def run_batched(loaded, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """First output of the runtime over ``x`` in batches (the artifact has a dynamic batch axis)."""
+    outs = [loaded.run([x[i:i + batch_size]])[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0)
+
+
+def parity_of(ref_outputs: np.ndarray, outputs: np.ndarray) -> dict[str, Any]:
+    from edgeprep.measure.parity import parity
+
+    return parity([ref_outputs], [outputs])
+
+
+def load_runtime(artifact: Artifact, threads: int = 1):
+    from edgeprep.exporters import get_runtime
+
+    return get_runtime(artifact.runtime).load(artifact, threads=threads)
+
+
+def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray, ref_outputs: np.ndarray,
+          eval_x: Optional[np.ndarray], eval_y: Optional[np.ndarray], warmup: int, iters: int,
+          threads: int, batch: int) -> dict[str, Any]:
+    """Measure ``artifact`` on its runtime; returns the report's per-artifact fields."""
+    loaded = load_runtime(artifact, threads=threads)
+    outputs = run_batched(loaded, ref_inputs)
+    entry: dict[str, Any] = {"parity": parity_of(ref_outputs, outputs)}
+    name, fn = metric_for(task)
+    if eval_x is not None and eval_y is not None:
+        entry["metric"] = {"name": name, "value": fn(run_batched(loaded, eval_x), eval_y),
+                           "samples": int(len(eval_y))}
+    else:
+        entry["metric"] = None
+    profile_inputs = [_batch_of(ref_inputs, batch)]
+    stats: LatencyStats = loaded.profile(profile_inputs, warmup=warmup, iters=iters)
+    entry["latency_ms"] = stats.to_report()
+    entry["precision"] = loaded.precision_census()
+    return entry
+
+
+def _batch_of(x: np.ndarray, batch: int) -> np.ndarray:
+    reps = int(np.ceil(batch / len(x)))
+    return np.ascontiguousarray(np.concatenate([x] * reps, axis=0)[:batch])
+
+
+def judge_artifact_dir(artifact_dir: Path, *, warmup: int, iters: int, threads: int,
+                       batch: int) -> tuple[Artifact, dict[str, Any]]:
+    """``edgeprep validate``: re-check an artifact directory alone against its stored reference."""
+    artifact = load_artifact(artifact_dir, verify=True)
+    ref = load_reference(artifact_dir)
+    entry = judge(artifact, task=ref.task, ref_inputs=ref.inputs[0], ref_outputs=ref.outputs[0],
+                  eval_x=ref.inputs[0] if ref.labels is not None else None, eval_y=ref.labels,
+                  warmup=warmup, iters=iters, threads=threads, batch=batch)
+    return artifact, entry
+
+
+# ----------------------------------------------------------------------------- bare model files
+# A model file without a manifest can still be profiled (not validated: it has no reference).
+SUFFIX_TARGETS = {".onnx": ("onnx", "onnxruntime"), ".ort": ("onnx", "onnxruntime")}
+
+
+def artifact_from_path(path: Path, verify: bool = True) -> Artifact:
+    """An artifact directory (with manifest.json) or a bare model file known by its suffix."""
+    path = Path(path)
+    if path.is_dir():
+        return load_artifact(path, verify=verify)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such artifact directory or model file")
+    if path.suffix not in SUFFIX_TARGETS:
+        raise BadInputError(f"{path}: unknown model file type {path.suffix!r}; pass an artifact directory "
+                            f"(with {MANIFEST_NAME}) or one of: {', '.join(sorted(SUFFIX_TARGETS))}")
+    target, runtime = SUFFIX_TARGETS[path.suffix]
+    from edgeprep.fsutil import sha256_file
+
+    return Artifact(name=path.stem, target=target, runtime=runtime, path=path,
+                    inputs=_onnx_inputs(path), outputs=(), sha256=sha256_file(path),
+                    size_bytes=path.stat().st_size, role="edgeprep", info={})
+
+
+def _onnx_inputs(path: Path) -> tuple[TensorSpec, ...]:
+    import onnxruntime as ort
+
+    from edgeprep.errors import RuntimeFailure
+
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types; report them as one line
+        raise RuntimeFailure(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
+    dtypes = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
+              "tensor(float16)": "float16", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+    return tuple(TensorSpec(i.name, tuple(d if isinstance(d, int) else "batch" for d in i.shape),
+                            dtypes.get(i.type, "float32")) for i in sess.get_inputs())
+
+
+def synthetic_inputs(artifact: Artifact, batch: int, seed: int = 0) -> list[np.ndarray]:
+    """Random inputs matching the artifact's input specs (symbolic dims -> ``batch``)."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for spec in artifact.inputs:
+        shape = [batch if isinstance(d, str) else int(d) for d in spec.shape]
+        arrays.append(rng.standard_normal(shape).astype(spec.dtype))
+    return arrays
+
+
+def profile_path(path: Path, *, warmup: int, iters: int, threads: int, batch: int) -> tuple[Artifact, LatencyStats]:
+    """``edgeprep profile``: reference inputs when the artifact has them, else random ones."""
+    artifact = artifact_from_path(path)
+    if (Path(path) / MANIFEST_NAME).is_file():
+        inputs: Sequence[np.ndarray] = [_batch_of(load_reference(path).inputs[0], batch)]
+    else:
+        inputs = synthetic_inputs(artifact, batch)
+    loaded = load_runtime(artifact, threads=threads)
+    return artifact, loaded.profile(list(inputs), warmup=warmup, iters=iters)

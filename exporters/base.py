@@ -1,0 +1,84 @@
+"""The two interfaces every target implements: an Exporter that writes an artifact, and a Runtime
+that loads it and runs it. Registries live in ``edgeprep.exporters`` (this package's __init__).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from edgeprep.types import Artifact, LatencyStats
+
+
+class ExportOptions(BaseModel):
+    """Options common to every target; a target subclasses this with its own fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Exporter(ABC):
+    target: ClassVar[str]  # registry key, e.g. "onnx"
+    runtime: ClassVar[str]  # key into RUNTIMES that runs what this exporter writes
+    options_model: ClassVar[type[ExportOptions]] = ExportOptions
+
+    @abstractmethod
+    def export(self, model: Any, example_inputs: tuple[Any, ...], out_dir: Path,
+               options: ExportOptions) -> Artifact:
+        """Write the artifact's files into ``out_dir`` (an empty directory) and describe them.
+
+        ``model`` is an eval-mode torch.nn.Module; ``example_inputs`` a tuple of torch tensors
+        with a batch of at least 2 (a batch-1 example bakes batch 1 into some graphs).
+        Raise ExportError (exit 3) with a one-line reason on failure.
+        """
+
+    def derived(self, artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_root: Path,
+                options: ExportOptions) -> list[tuple[str, Path]]:
+        """Artifacts derived from ``artifact`` (e.g. the runtime's own PTQ as a peer baseline).
+
+        Returns (artifact name, directory) pairs already written under ``out_root``. Default: none.
+        """
+        return []
+
+
+class LoadedModel(ABC):
+    """An artifact loaded into its runtime with a fixed thread count."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    @abstractmethod
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run one forward pass; inputs in the artifact's input order."""
+
+    def profile(self, inputs: Sequence[np.ndarray], warmup: int, iters: int) -> LatencyStats:
+        from edgeprep.measure.latency import time_callable
+
+        return time_callable(lambda: self.run(inputs), warmup=warmup, iters=iters,
+                             threads=self.threads, batch=int(inputs[0].shape[0]))
+
+    def precision_census(self) -> dict[str, Any] | None:
+        """Which heavy ops run in low precision after the runtime's own graph rewrites.
+
+        Returns {"low_precision_op_fraction": float, "ops": {op_type: count}, ...} or None when
+        the runtime cannot show its executed graph.
+        """
+        return None
+
+    threads: int = 1
+
+
+class Runtime(ABC):
+    name: ClassVar[str]  # registry key, e.g. "onnxruntime"
+    package: ClassVar[str]  # importable package that provides it, for `edgeprep doctor`
+    extra: ClassVar[str | None] = None  # edgeprep extra that installs it
+
+    @abstractmethod
+    def load(self, artifact: Artifact, threads: int = 1) -> LoadedModel:
+        """Load ``artifact``; raise RuntimeFailure (exit 3) or MissingDependencyError (exit 4)."""
+
+    def usable_here(self) -> tuple[bool, str]:
+        """(usable, reason) for `edgeprep doctor`; default: usable when the package imports."""
+        return True, ""

@@ -1,0 +1,50 @@
+"""Shared fixtures: running the CLI in a subprocess, and one real quickstart-style run per session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
+    """`python -m edgeprep ARGS` in a subprocess; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edgeprep", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# A quickstart with a smaller budget: the same stages, export, peers and gates, in seconds.
+FAST_RECIPE = """\
+name: fast
+seed: 0
+model: {source: vit-tiny-digits}
+data: {source: digits, calibration_samples: 64}
+train: {steps: 300, batch_size: 64, lr: 0.003, warmup_steps: 20}
+stages:
+  - kind: finetune
+export:
+  - target: onnx
+    ptq: [dynamic, static]
+validate:
+  split: test
+  profile: {warmup: 5, iters: 30, threads: 1, batch: 1}
+gates:
+  max_metric_drop: 0.01
+  min_sqnr_db: 40
+  max_size_bytes: 2000000
+"""
+
+
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory) -> Path:
+    """A complete run directory produced once per test session by `edgeprep run`."""
+    work = tmp_path_factory.mktemp("fast-run")
+    (work / "fast.yaml").write_text(FAST_RECIPE)
+    proc = run_cli("run", str(work / "fast.yaml"), "--out", str(work / "run"), "--quiet", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work / "run"

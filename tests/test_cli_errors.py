@@ -1,0 +1,74 @@
+"""Bad input -> one line naming the problem and the fix, exit 2, never a traceback."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+
+GOOD = "name: t\nmodel: {source: vit-tiny-digits}\n"
+
+# (id, recipe text or None for "no file", extra CLI args, fragment the one line must contain)
+RECIPE_CASES = [
+    ("malformed-yaml", "name: t\nmodel: {source: [\n", [], "malformed YAML"),
+    ("not-a-mapping", "- just\n- a list\n", [], "must be a YAML mapping"),
+    ("empty-file", "", [], "must be a YAML mapping"),
+    ("unknown-top-key", GOOD + "stagez: []\n", [], "unknown key 'stagez'"),
+    ("unknown-stage-key", GOOD + "stages:\n  - kind: finetune\n  - kind: finetune\n    pruning_ratio: 0.5\n",
+     [], "stages.1.pruning_ratio"),
+    ("wrong-type", GOOD + "train: {steps: many}\n", [], "train.steps"),
+    ("negative-lr", GOOD + "stages:\n  - kind: finetune\n    train: {lr: -1}\n", [], "stages.0.train.lr"),
+    ("unknown-stage-kind", GOOD + "stages:\n  - kind: sparsify\n", [], "unknown stage kind 'sparsify'"),
+    ("stage-without-kind", GOOD + "stages:\n  - {steps: 3}\n", [], "has no `kind`"),
+    ("unknown-target", GOOD + "export:\n  - target: tflite\n", [], "unknown target 'tflite'"),
+    ("opset-too-old", GOOD + "export:\n  - {target: onnx, opset: 13}\n", [], "export.0.opset"),
+    ("missing-model", "name: t\n", [], "model"),
+    ("bad-name", "name: 'a b'\nmodel: {source: vit-tiny-digits}\n", [], "name"),
+    ("bad-split", GOOD + "validate: {split: dev}\n", [], "validate.split"),
+    ("unknown-profile-key", GOOD + "validate: {profile: {bogus: 1}}\n", [], "validate.profile.bogus"),
+    ("duplicate-artifact", GOOD + "export:\n  - {target: onnx}\n  - {target: onnx}\n", [], "used twice"),
+    ("unknown-zoo-model", "name: t\nmodel: {source: vit-huge}\n", [], "vit-huge"),
+    ("missing-model-file", "name: t\nmodel: {source: ./nope.pt2}\n", [], "nope.pt2"),
+    ("missing-data-file", GOOD + "data: {source: ./nope.npz}\n", [], "nope.npz"),
+    ("data-shape-mismatch", GOOD + "data: {source: digits32}\n", [], "digits32"),
+    ("binary-recipe", None, [], "not a text file"),
+]
+
+
+@pytest.mark.parametrize("case_id,text,extra,fragment", RECIPE_CASES, ids=[c[0] for c in RECIPE_CASES])
+def test_bad_recipe_is_one_line_exit_2(tmp_path, case_id, text, extra, fragment):
+    recipe = tmp_path / "r.yaml"
+    if text is None:
+        recipe.write_bytes(b"\xff\xfe\x00\x01garbage\x80")
+    else:
+        recipe.write_text(text)
+    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "run"), *extra, cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert fragment in lines[0], lines[0]
+    # Nothing is written for a recipe that fails to load or whose model/data are wrong.
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+CLI_CASES = [
+    ("missing-recipe", ["run", "does-not-exist.yaml"], "not found"),
+    ("unknown-option", ["run", "quickstart", "--frobnicate"], "--frobnicate"),
+    ("validate-missing-dir", ["validate", "no/such/dir"], "manifest.json"),
+    ("profile-missing", ["profile", "no/such/model.onnx"], "no such artifact"),
+    ("profile-unknown-suffix", ["profile", "README.md"], "unknown model file type"),
+    ("check-missing-report", ["check", "nope.json", "--baseline", "nope2.json"], "nope"),
+    ("export-missing-ckpt", ["export", "no/ckpt", "--target", "onnx", "-o", "out"], "no/ckpt"),
+]
+
+
+@pytest.mark.parametrize("case_id,args,fragment", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_bad_cli_input_is_one_line_exit_2(tmp_path, case_id, args, fragment):
+    if case_id == "profile-unknown-suffix":
+        (tmp_path / "README.md").write_text("# not a model\n")
+    proc = run_cli(*args, cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert fragment in lines[0], lines[0]

@@ -1,0 +1,128 @@
+"""End to end through the CLI on one real run: report, runtime_tests, validate, check, integrity."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from junitparser import JUnitXml
+
+from conftest import REPO, run_cli
+
+REPORT_KEYS = {"schema", "recipe", "model", "baseline", "stages", "artifacts", "gates", "passed"}
+ARTIFACT_KEYS = {"target", "runtime", "path", "bytes", "sha256", "parity", "metric", "latency_ms", "precision"}
+
+
+def test_report_schema_and_numbers(fast_run):
+    report = json.loads((fast_run / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["schema"] == "edgeprep.report/1"
+    assert report["passed"] is True
+    assert report["baseline"]["metric"]["name"] == "accuracy"
+    assert report["baseline"]["metric"]["value"] >= 0.85  # 300 steps; measured 0.94+
+    assert report["model"]["params"] > 50_000 and report["model"]["macs"] > 0
+    names = {a["name"]: a for a in report["artifacts"]}
+    assert set(names) == {"onnx", "onnx-ptq-dynamic", "onnx-ptq-static"}
+    for a in names.values():
+        assert ARTIFACT_KEYS <= set(a)
+        lat = a["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+        assert lat["iters"] == 30 and lat["batch"] == 1 and lat["threads"] == 1
+    fp32 = names["onnx"]
+    assert fp32["role"] == "edgeprep"
+    assert fp32["parity"]["sqnr_db"] is None or fp32["parity"]["sqnr_db"] >= 40  # measured ~ 110+ dB
+    assert fp32["parity"]["top1_agreement"] == 1.0
+    assert abs(fp32["metric"]["value"] - report["baseline"]["metric"]["value"]) <= 0.01
+    assert fp32["precision"]["low_precision_op_fraction"] == 0.0
+    assert names["onnx-ptq-static"]["precision"]["low_precision_op_fraction"] >= 0.9
+    assert names["onnx-ptq-dynamic"]["precision"]["low_precision_op_fraction"] > 0.5
+    assert fp32["speedup"] == pytest.approx(1.0)
+    assert {g["name"] for g in report["gates"]} == {"max_metric_drop", "min_sqnr_db", "max_size_bytes"}
+    for f in ("report.md", "report.html", "recipe.yaml"):
+        assert (fast_run / f).is_file()
+
+
+def test_runtime_tests_pass_on_the_run(fast_run):
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", str(REPO / "runtime_tests"),
+                           "--run-dir", str(fast_run), "-p", "no:cacheprovider"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def test_validate_alone_and_corruption(fast_run, tmp_path):
+    proc = run_cli("validate", str(fast_run / "artifacts" / "onnx"), "--min-sqnr-db", "40", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["passed"] and out["parity"]["top1_agreement"] == 1.0
+    broken = tmp_path / "broken"
+    shutil.copytree(fast_run / "artifacts" / "onnx", broken)
+    model = broken / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    proc = run_cli("validate", str(broken), cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "sha256" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_check_against_itself_and_a_faster_baseline(fast_run, tmp_path):
+    junit = tmp_path / "same.xml"
+    proc = run_cli("check", str(fast_run / "report.json"), "--baseline", str(fast_run / "report.json"),
+                   "--junit", str(junit), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    xml = JUnitXml.fromfile(str(junit))
+    assert xml.failures == 0 and xml.tests > 0
+    # A baseline that was twice as fast: the latency regression must fail the check.
+    base = json.loads((fast_run / "report.json").read_text())
+    for a in base["artifacts"]:
+        a["latency_ms"]["p50"] /= 2
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    junit = tmp_path / "slower.xml"
+    proc = run_cli("check", str(fast_run / "report.json"), "--baseline", str(tmp_path / "base.json"),
+                   "--junit", str(junit), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    xml = JUnitXml.fromfile(str(junit))
+    assert xml.failures >= 3  # one per artifact
+
+
+def test_profile_twice(fast_run, tmp_path):
+    proc = run_cli("profile", str(fast_run / "artifacts" / "onnx"), "--iters", "20", "--warmup", "2", "--json",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lat = json.loads(proc.stdout)["latency_ms"]
+    assert lat["iters"] == 20 and 0 < lat["p50"] <= lat["p99"]
+    lo, hi = lat["ci95_p50"]
+    assert lo <= lat["p50"] <= hi
+
+
+def test_export_and_finetune_commands_chain_by_hand(fast_run, tmp_path):
+    ckpt = fast_run / "stages" / "0-finetune" / "checkpoint"
+    proc = run_cli("finetune", str(ckpt), "-o", str(tmp_path / "ft"), "--steps", "5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("export", str(tmp_path / "ft"), "--target", "onnx", "-o", str(tmp_path / "art"), "--json",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("validate", str(tmp_path / "art"), "--min-sqnr-db", "40", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("export", str(ckpt), "--target", "coreml-ish", "-o", str(tmp_path / "x"), cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown target 'coreml-ish'" in proc.stderr
+
+
+def test_listings_and_doctor(tmp_path):
+    proc = run_cli("models", "--json", cwd=tmp_path)
+    assert proc.returncode == 0
+    names = {m["name"] for m in json.loads(proc.stdout)}
+    assert {"vit-tiny-digits", "vit-bench", "cnn-bench"} <= names
+    proc = run_cli("recipes", "--json", cwd=tmp_path)
+    assert proc.returncode == 0 and "quickstart" in {r["name"] for r in json.loads(proc.stdout)}
+    proc = run_cli("doctor", "--json", cwd=tmp_path)
+    assert proc.returncode == 0
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert rows["onnxruntime"]["installed"] and rows["onnxruntime"]["usable"]
+    assert "ran a test graph" in rows["onnxruntime"]["note"]
+    if not rows["tensorrt"]["installed"]:
+        assert "edgeprep[tensorrt]" in rows["tensorrt"]["note"]

@@ -1,0 +1,160 @@
+"""Recipe gates: each gate at its boundary, unmeasured quantities fail, only role "edgeprep" is gated."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from edgeprep.errors import EXIT_GATE_FAILED, GateFailedError
+from edgeprep.gates import describe_failures, evaluate_gates, raise_for_failed_gates, within
+from edgeprep.recipe import GatesConfig
+
+
+def artifact(name="onnx", role="edgeprep", metric=0.93, sqnr=35.0, p90=5.0, speedup=2.0, nbytes=1000):
+    return {"name": name, "target": "onnx", "runtime": "onnxruntime", "role": role, "bytes": nbytes,
+            "parity": {"sqnr_db": sqnr, "max_abs": 0.01, "top1_agreement": 0.99},
+            "metric": {"name": "accuracy", "value": metric},
+            "latency_ms": {"p50": p90 * 0.9, "p90": p90}, "speedup": speedup}
+
+
+def report(*arts, baseline_metric=0.95):
+    return {"schema": "edgeprep.report/1", "baseline": {"metric": {"name": "accuracy", "value": baseline_metric}},
+            "artifacts": list(arts)}
+
+
+def one(gates: GatesConfig, art: dict, **kw) -> dict:
+    results = evaluate_gates(gates, report(art, **kw))
+    assert len(results) == 1
+    return results[0]
+
+
+# ----------------------------------------------------------------------------- boundaries
+@pytest.mark.parametrize("metric, passed, value", [
+    (0.93, True, 0.02),      # drop == limit passes (0.95 - 0.93 is 0.020000000000000018 in binary)
+    (0.9299, False, 0.0201),
+    (0.96, True, -0.01),     # an improvement is a negative drop
+])
+def test_max_metric_drop_boundary(metric, passed, value):
+    r = one(GatesConfig(max_metric_drop=0.02), artifact(metric=metric))
+    assert r == {"name": "max_metric_drop", "artifact": "onnx", "limit": 0.02, "value": value,
+                 "passed": passed, "note": None}
+
+
+@pytest.mark.parametrize("sqnr, passed", [(30.0, True), (29.99, False), (55.5, True)])
+def test_min_sqnr_db_boundary(sqnr, passed):
+    r = one(GatesConfig(min_sqnr_db=30), artifact(sqnr=sqnr))
+    assert (r["value"], r["passed"]) == (sqnr, passed)
+
+
+def test_min_sqnr_null_means_identical_and_passes():
+    r = one(GatesConfig(min_sqnr_db=200), artifact(sqnr=None))
+    assert r["passed"] is True and r["value"] is None  # JSON has no infinity
+    assert "identical" in r["note"]
+
+
+def test_min_sqnr_infinite_float_passes_and_stays_json_safe():
+    r = one(GatesConfig(min_sqnr_db=40), artifact(sqnr=math.inf))
+    assert r["passed"] is True and r["value"] is None
+
+
+@pytest.mark.parametrize("p90, passed", [(5.5, True), (5.5001, False), (0.1, True)])
+def test_max_latency_ms_p90_boundary(p90, passed):
+    r = one(GatesConfig(max_latency_ms_p90=5.5), artifact(p90=p90))
+    assert (r["value"], r["passed"]) == (p90, passed)
+
+
+@pytest.mark.parametrize("speedup, passed", [(1.5, True), (1.4999, False), (3.0, True),
+                                             (15.0 / 10.0, True)])
+def test_min_speedup_boundary(speedup, passed):
+    r = one(GatesConfig(min_speedup=1.5), artifact(speedup=speedup))
+    assert (r["value"], r["passed"]) == (speedup, passed)
+
+
+@pytest.mark.parametrize("nbytes, passed", [(4_000_000, True), (4_000_001, False), (1, True)])
+def test_max_size_bytes_boundary(nbytes, passed):
+    r = one(GatesConfig(max_size_bytes=4_000_000), artifact(nbytes=nbytes))
+    assert (r["value"], r["passed"]) == (nbytes, passed)
+    assert isinstance(r["value"], int)  # byte counts stay integers in report.json
+
+
+def test_within_absorbs_only_float_noise():
+    assert within(10 * 1.15, 11.5, upper=True)  # 11.499999999999998
+    assert within(11.5 + 1e-12, 11.5, upper=True)
+    assert not within(11.5 + 1e-6, 11.5, upper=True)
+    assert not within(math.nan, 1.0, upper=True)
+
+
+# ----------------------------------------------------------------------------- unmeasured -> fail
+@pytest.mark.parametrize("gates, mutate, note_word", [
+    (GatesConfig(max_metric_drop=0.5), lambda a: a.update(metric=None), "metric"),
+    (GatesConfig(max_metric_drop=0.5), lambda a: a["metric"].update(value=float("nan")), "metric"),
+    (GatesConfig(min_sqnr_db=1), lambda a: a.update(parity=None), "parity"),
+    (GatesConfig(min_sqnr_db=1), lambda a: a["parity"].pop("sqnr_db"), "parity"),
+    (GatesConfig(max_latency_ms_p90=1e9), lambda a: a.update(latency_ms=None), "latency"),
+    (GatesConfig(max_latency_ms_p90=1e9), lambda a: a["latency_ms"].update(p90=None), "latency"),
+    (GatesConfig(min_speedup=0.001), lambda a: a.update(speedup=None), "speedup"),
+    (GatesConfig(max_size_bytes=10**12), lambda a: a.pop("bytes"), "size"),
+])
+def test_unmeasured_gate_fails_with_a_note(gates, mutate, note_word):
+    art = artifact()
+    mutate(art)
+    r = one(gates, art)
+    assert r["passed"] is False and r["value"] is None
+    assert note_word in r["note"]
+
+
+def test_unmeasured_baseline_metric_fails():
+    r = one(GatesConfig(max_metric_drop=0.5), artifact(), baseline_metric=None)
+    assert r["passed"] is False and "baseline" in r["note"]
+
+
+def test_metric_name_mismatch_fails():
+    art = artifact()
+    art["metric"]["name"] = "f1"
+    r = one(GatesConfig(max_metric_drop=0.5), art)
+    assert r["passed"] is False and "cannot be compared" in r["note"]
+
+
+def test_lower_is_better_metric_drop_is_growth():
+    art = artifact(metric=0.30)
+    art["metric"]["higher_is_better"] = False  # e.g. a loss: 0.25 -> 0.30 lost 0.05
+    r = one(GatesConfig(max_metric_drop=0.05), art, baseline_metric=0.25)
+    assert (r["value"], r["passed"]) == (0.05, True)
+
+
+# ----------------------------------------------------------------------------- roles
+def test_only_edgeprep_artifacts_are_gated():
+    bad = dict(metric=0.1, sqnr=1.0, p90=1e6, speedup=0.01, nbytes=10**12)
+    arts = [artifact("onnx-fp32", "baseline", **bad), artifact("onnx-ptq-dynamic", "ptq", **bad),
+            artifact("onnx", "edgeprep"), artifact("ort-mobile", "edgeprep", p90=9.0)]
+    gates = GatesConfig(max_metric_drop=0.05, min_sqnr_db=30, max_latency_ms_p90=6.0, min_speedup=1.5,
+                        max_size_bytes=2000)
+    results = evaluate_gates(gates, report(*arts))
+    assert [(r["name"], r["artifact"]) for r in results] == [
+        (g, a) for g in ("max_metric_drop", "min_sqnr_db", "max_latency_ms_p90", "min_speedup", "max_size_bytes")
+        for a in ("onnx", "ort-mobile")]
+    assert [r["artifact"] for r in results if not r["passed"]] == ["ort-mobile"]  # only its p90 (9 ms > 6 ms)
+
+
+def test_gate_without_an_edgeprep_artifact_fails():
+    results = evaluate_gates(GatesConfig(max_size_bytes=10), report(artifact(role="baseline")))
+    assert results == [{"name": "max_size_bytes", "artifact": None, "limit": 10, "value": None,
+                        "passed": False, "note": "no artifact with role 'edgeprep' to judge"}]
+
+
+def test_no_gates_configured_gives_no_results():
+    assert evaluate_gates(GatesConfig(), report(artifact())) == []
+
+
+def test_raise_for_failed_gates_is_one_line_exit_1():
+    results = evaluate_gates(GatesConfig(max_latency_ms_p90=5.5, min_speedup=1.5),
+                             report(artifact(p90=6.25, speedup=None)))
+    with pytest.raises(GateFailedError) as exc:
+        raise_for_failed_gates(results)
+    assert exc.value.exit_code == EXIT_GATE_FAILED
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert "max_latency_ms_p90 on onnx: 6.25, limit 5.5" in msg
+    assert "min_speedup on onnx: not measured" in msg
+    raise_for_failed_gates(evaluate_gates(GatesConfig(max_latency_ms_p90=7), report(artifact(p90=6.25))))
+    assert describe_failures([]) == ""

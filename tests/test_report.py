@@ -1,0 +1,188 @@
+"""report.json / report.md / report.html / plot: exact JSON round trip, numbers in the views,
+a self-contained HTML with failed gates in red, a valid PNG, and robustness to missing measurements."""
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import math
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from edgeprep.report import REPORT_SCHEMA, json_safe, write_reports
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def art(name, role, p50, metric, sqnr, nbytes, frac, ops, speedup):
+    return {"name": name, "target": "onnx", "runtime": "onnxruntime", "role": role,
+            "path": f"artifacts/{name}/model.onnx", "bytes": nbytes, "sha256": "ab" * 32,
+            "parity": {"sqnr_db": sqnr, "max_abs": 0.0031, "top1_agreement": 0.9972},
+            "metric": {"name": "accuracy", "value": metric},
+            "latency_ms": {"p50": p50, "p90": round(p50 * 1.08, 3), "p99": 9.9, "mean": p50, "iters": 200,
+                           "threads": 1, "batch": 1, "ci95_p50": [p50 - 0.05, p50 + 0.05], "warmup": 20,
+                           "peak_rss_bytes": 412_000_000},
+            "precision": {"low_precision_op_fraction": frac, "ops": ops}, "speedup": speedup,
+            "info": {"exporter": "dynamo", "opset": 18}}
+
+
+@pytest.fixture
+def sample() -> dict:
+    return {
+        "schema": REPORT_SCHEMA, "recipe": "vit-bench-qat", "created": "2025-01-01T12:00:00+00:00",
+        "edgeprep_version": "0.1.0", "machine": {"cpu": "x86_64", "threads": 2},
+        "model": {"name": "vit-bench", "params": 2_690_186, "macs": 176_947_200},
+        "baseline": {"metric": {"name": "accuracy", "value": 0.9694}, "params": 2_690_186, "bytes": 10_784_512},
+        "stages": [{"kind": "qat", "seconds": 41.7, "params": 2_690_186, "macs": 176_947_200,
+                    "metric": {"name": "accuracy", "value": 0.9667}, "notes": ["int8 on 36 Linear", "head | skipped"]}],
+        "artifacts": [
+            art("onnx-fp32", "baseline", 9.812, 0.9694, None, 10_784_512, 0.0, {"MatMul": 37}, 1.0),
+            art("onnx-ptq-dynamic", "ptq", 6.204, 0.9611, 31.42, 2_871_040, 1.0, {"DynamicQuantizeMatMul": 37}, 1.58),
+            art("onnx", "edgeprep", 5.402, 0.9667, 38.71, 2_889_744, 0.973, {"MatMulInteger": 36, "MatMul": 1}, 1.82),
+        ],
+        "gates": [
+            {"name": "min_sqnr_db", "artifact": "onnx", "limit": 30.0, "value": 38.71, "passed": True, "note": None},
+            {"name": "max_latency_ms_p90", "artifact": "onnx", "limit": 5.5, "value": 5.834, "passed": False,
+             "note": None},
+        ],
+        "passed": False,
+    }
+
+
+class Rows(HTMLParser):
+    """Collects every <tr> as (class attribute, [cell texts]) and every src/href value."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[tuple[str, list[str]]] = []
+        self.urls: list[str] = []
+        self.tags: set[str] = set()
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        a = dict(attrs)
+        self.urls += [v for k, v in attrs if k in ("src", "href")]
+        if tag == "tr":
+            self.rows.append((a.get("class") or "", []))
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1][1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_json_round_trips_exactly(tmp_path, sample):
+    paths = write_reports(tmp_path, sample)
+    assert paths == {"json": tmp_path / "report.json", "md": tmp_path / "report.md",
+                     "html": tmp_path / "report.html", "plot": tmp_path / "plots" / "metric_vs_latency.png"}
+    assert json.loads(paths["json"].read_text()) == sample
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporary file behind
+
+
+def test_markdown_has_the_numbers(tmp_path, sample):
+    md = write_reports(tmp_path, sample)["md"].read_text()
+    assert "**FAILED: 1 of 2 gate(s) failed: max_latency_ms_p90 (onnx)**" in md
+    assert ("| onnx | edgeprep | onnxruntime | 0.9667 | 38.71 | 0.0031 | 99.72% | 5.402 | 5.834 | 1.82× | 97.3% "
+            "| 2,889,744 |") in md
+    assert "| onnx-fp32 | baseline | onnxruntime | 0.9694 | ∞ |" in md  # null SQNR = identical
+    assert "| max_latency_ms_p90 | onnx | 5.500 ms | 5.834 ms | FAIL |" in md
+    assert "| min_sqnr_db | onnx | 30.00 dB | 38.71 dB | PASS |" in md
+    assert "| 0 | qat | 41.7 | 2,690,186 | 176,947,200 | accuracy 0.9667 | int8 on 36 Linear; head \\| skipped |" in md
+    assert "| baseline accuracy (PyTorch) | 0.9694 |" in md
+    assert "| onnx | 100.0% |" not in md and "| onnx | 97.3% | MatMulInteger×36, MatMul×1 |" in md
+    assert "![metric vs p50 latency](plots/metric_vs_latency.png)" in md
+
+
+def test_html_is_self_contained_and_failed_gate_is_red(tmp_path, sample):
+    paths = write_reports(tmp_path, sample)
+    html = paths["html"].read_text()
+    p = Rows()
+    p.feed(html)
+    assert "http" not in html.lower()
+    assert {"script", "link", "iframe"}.isdisjoint(p.tags)
+    assert len(p.urls) == 1 and p.urls[0].startswith("data:image/png;base64,")
+    embedded = base64.b64decode(p.urls[0].split(",", 1)[1])
+    assert embedded == paths["plot"].read_bytes()
+    # Gate rows: the failed one has class "fail", the passed one "pass"; the CSS paints them red / green.
+    gate_rows = {cells[0]: (cls, cells) for cls, cells in p.rows if cells and cells[0] in ("min_sqnr_db", "max_latency_ms_p90")}
+    assert gate_rows["max_latency_ms_p90"] == ("fail", ["max_latency_ms_p90", "onnx", "5.500 ms", "5.834 ms", "FAIL"])
+    assert gate_rows["min_sqnr_db"][0] == "pass"
+    assert re.search(r"--fail: #b91c1c;", html) and re.search(r"tr\.fail td \{[^}]*color: var\(--fail\)", html)
+    assert re.search(r"--pass-bg: #d1fae5;", html) and re.search(r"tr\.pass td \{[^}]*var\(--pass-bg\)", html)
+    assert '<div class="banner fail">FAILED: 1 of 2 gate(s) failed' in html
+    art_row = next(cells for _, cells in p.rows if cells[:2] == ["onnx", "edgeprep"])
+    assert art_row[3:] == ["0.9667", "38.71", "0.0031", "99.72%", "5.402", "5.834", "1.82×", "97.3%", "2,889,744"]
+
+
+def test_html_escapes_report_strings(tmp_path, sample):
+    sample["recipe"] = "<script>alert(1)</script>"
+    sample["artifacts"][2]["name"] = 'x"><img src=y onerror=alert(2)>'
+    sample["gates"][1]["artifact"] = sample["artifacts"][2]["name"]
+    html = write_reports(tmp_path, sample)["html"].read_text()
+    assert "<script>" not in html and "<img src=y" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "x&quot;&gt;&lt;img src=y onerror=alert(2)&gt;" in html
+
+
+def test_plot_is_a_valid_png(tmp_path, sample):
+    from PIL import Image
+
+    path = write_reports(tmp_path, sample)["plot"]
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] >= 600 and im.size[1] >= 400
+
+
+def test_passed_report_is_green(tmp_path, sample):
+    sample["gates"] = sample["gates"][:1]
+    sample["passed"] = True
+    paths = write_reports(tmp_path, sample)
+    assert '<div class="banner pass">PASSED: all 1 gate(s) passed</div>' in paths["html"].read_text()
+    assert "**PASSED: all 1 gate(s) passed**" in paths["md"].read_text()
+
+
+def test_missing_measurements_render_as_dashes(tmp_path, sample):
+    a = sample["artifacts"][2]
+    a.update(parity=None, metric=None, latency_ms=None, precision=None, speedup=None)
+    sample["gates"] = [{"name": "min_speedup", "artifact": "onnx", "limit": 1.5, "value": None, "passed": False,
+                        "note": "speedup unknown"}]
+    md = write_reports(tmp_path, sample)["md"].read_text()
+    assert "| onnx | edgeprep | onnxruntime | — | — | — | — | — | — | — | — | 2,889,744 |" in md
+    assert "| min_speedup | onnx | 1.50× | — | FAIL | speedup unknown |" in md
+    assert "onnx not plotted: metric and p50 latency not measured." in md
+
+
+def test_minimal_report_does_not_crash(tmp_path):
+    report = {"schema": REPORT_SCHEMA, "recipe": "empty"}
+    paths = write_reports(tmp_path, report)
+    md = paths["md"].read_text()
+    assert "UNKNOWN" in md and "No artifact was exported." in md and "No gate configured" in md
+    assert paths["plot"].read_bytes()[:8] == PNG_SIGNATURE
+    assert json.loads(paths["json"].read_text()) == report
+
+
+def test_json_safe_makes_plain_strict_json(tmp_path, sample):
+    report = copy.deepcopy(sample)
+    report["artifacts"][1]["parity"]["sqnr_db"] = math.inf
+    report["artifacts"][1]["metric"]["value"] = np.float32(0.5)
+    report["artifacts"][1]["bytes"] = np.int64(7)
+    report["artifacts"][1]["latency_ms"]["ci95_p50"] = (1.0, float("nan"))
+    text = write_reports(tmp_path, report)["json"].read_text()
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    a = back["artifacts"][1]
+    assert a["parity"]["sqnr_db"] is None and a["metric"]["value"] == 0.5 and a["bytes"] == 7
+    assert a["latency_ms"]["ci95_p50"] == [1.0, None]
+    assert json_safe({"k": (np.float64(1.5),)}) == {"k": [1.5]}
