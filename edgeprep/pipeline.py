@@ -23,7 +23,7 @@ import torch
 
 from edgeprep import __version__
 from edgeprep.context import Context, StageReport
-from edgeprep.errors import BadInputError
+from edgeprep.errors import BadInputError, RuntimeFailure
 from edgeprep.fsutil import atomic_dir, write_json_atomic, write_text_atomic
 from edgeprep.data import BUILTIN_SOURCES
 from edgeprep.manifest import load_artifact, write_manifest
@@ -62,6 +62,7 @@ def run(recipe: Recipe, base_dir: Path, opts: RunOptions) -> dict[str, Any]:
     if main:
         _prepare_run_dir(run_dir, recipe, opts)
     model, baseline_model, stage_entries = _run_stages(recipe, state, run_dir, opts, main)
+    _check_ranks_agree(model, opts)
     if not main:  # under torchrun only rank 0 exports, validates and reports
         return {}
     return _finish(recipe, state, run_dir, model, baseline_model, stage_entries, opts)
@@ -187,6 +188,34 @@ def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions,
     if baseline_model is None:
         baseline_model = model
     return model, baseline_model, entries
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state dict (names, dtypes, shapes, bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_ranks_agree(model: torch.nn.Module, opts: RunOptions) -> None:
+    """Under torchrun, every rank must end with bit-identical weights; rank 0 is the one exported."""
+    from edgeprep.train import init_distributed, world_info
+
+    if world_info()[1] <= 1 or not init_distributed():
+        return
+    import torch.distributed as dist
+
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, weights_digest(model))
+    if len(set(digests)) != 1:
+        raise RuntimeFailure(f"DDP ranks disagree on the final weights (sha256 {', '.join(d[:12] for d in digests)}); "
+                             "rerun with --debug and report it")
+    opts.log(f"{len(digests)} ranks agree on the final weights (sha256 {digests[0][:12]})")
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
