@@ -22,6 +22,7 @@ test: venv
 	$(BIN)/python -m pytest tests
 
 bench: venv
+	$(BIN)/python benchmarks/quickstart.py
 	$(BIN)/python benchmarks/ptq_table.py
 	$(BIN)/python benchmarks/profile_repeatability.py
 

@@ -10,6 +10,7 @@ temporary directory first. Writes benchmarks/results/profile_repeatability.md as
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="edgeprep-repeat-") as tmp:
         if args.artifact:
             artifact, what = load_artifact(args.artifact), str(args.artifact)
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `.venv/bin/python benchmarks/profile_repeatability.py --iters {args.iters} "
         f"--warmup {args.warmup} --threads {args.threads} --batch {args.batch}`  ",
         f"Artifact: {what}; onnxruntime {onnxruntime.__version__}, {platform.machine()}, "
-        f"batch {args.batch}, {args.threads} thread(s)",
+        f"batch {args.batch}, {args.threads} thread(s)  ",
+        # Other processes on the same cores move a 1-thread p50 by up to ~40%; show how busy it was.
+        f"1-minute load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+        f"({os.cpu_count()} CPUs)",
         "",
         "| run | p50 ms | 95% CI of p50 ms | p90 ms | p99 ms |",
         "|---|---|---|---|---|",

@@ -13,6 +13,7 @@ round p50s is reported, so a burst of load from another process does not land on
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         f"PyTorch fp32 test accuracy {torch_acc:.4f} on {len(y_test)} test images (digits32)  ",
         f"Calibration (static PTQ): {len(data.calib)} training images. ORT graph optimization: extended.  ",
         f"Latency: batch 1, 1 intra-op thread, median of {args.rounds} interleaved rounds of "
-        f"{args.iters} timed calls ({args.warmup} warmup) each.",
+        f"{args.iters} timed calls ({args.warmup} warmup) each; 1-minute load average at the end: "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs.",
         "",
         "| artifact | ORT test acc | top-1 agree | SQNR dB | p50 ms | p90 ms | speedup | low-prec. op fraction "
         "| heavy ops in ORT's optimized graph | bytes |",

@@ -35,10 +35,11 @@ class Exporter(ABC):
         """
 
     def derived(self, artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_root: Path,
-                options: ExportOptions) -> list[tuple[str, Path]]:
+                options: ExportOptions) -> list[Artifact]:
         """Artifacts derived from ``artifact`` (e.g. the runtime's own PTQ as a peer baseline).
 
-        Returns (artifact name, directory) pairs already written under ``out_root``. Default: none.
+        Each is already written in its own directory under ``out_root``; the pipeline writes their
+        manifests and reference data. Default: none.
         """
         return []
 

@@ -245,12 +245,18 @@ def write_ort_format(onnx_path: Path) -> dict[str, str]:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     out_dir = onnx_path.parent
+    # Its logger is set to DEBUG and announces "Created config in <tmp path>" through any handler.
+    chatty = logging.getLogger("ort_format_model.utils")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             convert_onnx_models_to_ort(onnx_path, output_dir=out_dir,
                                        optimization_styles=[OptimizationStyle.Fixed])
     except Exception as exc:
         raise ExportError(f"ORT-format conversion of {onnx_path.name} failed: {_short(exc)}") from None
+    finally:
+        chatty.setLevel(level)
     ort_file = onnx_path.with_suffix(".ort")
     config = onnx_path.with_suffix(".required_operators.config")
     if not ort_file.is_file() or not config.is_file():

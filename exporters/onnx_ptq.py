@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from edgeprep.errors import ExportError
-from edgeprep.exporters.onnxruntime_rt import one_line
+from edgeprep.exporters.onnxruntime_rt import one_line, root_logging_kept
 from edgeprep.fsutil import atomic_dir
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact
@@ -40,12 +40,12 @@ def _calibration_reader(input_names: Sequence[str], calib_inputs: Sequence[np.nd
         """Feeds ``calib_inputs`` (one array per model input, samples on dim 0) in batches."""
 
         def __init__(self) -> None:
-            n = len(calib_inputs[0])
+            # float inputs go in as float32 (what the graph takes); token ids keep their int dtype
+            arrays = [np.asarray(x) for x in calib_inputs]
+            arrays = [x.astype(np.float32) if x.dtype.kind == "f" else x for x in arrays]
             self._batches: Iterator[dict[str, np.ndarray]] = iter([
-                {name: np.ascontiguousarray(x[i:i + CALIB_BATCH], dtype=np.float32
-                                            if x.dtype.kind == "f" else x.dtype)
-                 for name, x in zip(input_names, calib_inputs)}
-                for i in range(0, n, CALIB_BATCH)])
+                {name: np.ascontiguousarray(x[i:i + CALIB_BATCH]) for name, x in zip(input_names, arrays)}
+                for i in range(0, len(arrays[0]), CALIB_BATCH)])
 
         def get_next(self) -> Optional[dict[str, np.ndarray]]:
             return next(self._batches, None)
@@ -55,16 +55,13 @@ def _calibration_reader(input_names: Sequence[str], calib_inputs: Sequence[np.nd
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    # onnxruntime.quantization logs and prints advice ("please run pre-processing") on every call.
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
+    """onnxruntime.quantization prints advice and logs through the root logger (module-level
+    ``logging.info`` installs a stderr handler on first use); keep both off the CLI's output."""
+    with root_logging_kept():
+        logging.getLogger().setLevel(logging.ERROR)  # restored by root_logging_kept
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
-    finally:
-        logger.setLevel(level)
 
 
 def pre_process(src: Path, dst: Path) -> str:

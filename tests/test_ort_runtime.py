@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -65,8 +66,12 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     exporter = get_exporter("onnx")
     opts = OnnxOptions(mobile=True, ptq=["dynamic", "static"])
+    handlers = list(logging.getLogger().handlers)
     art = exporter.export(model, (torch.from_numpy(_data(2, 0)),), root / "onnx", opts)
     peers = exporter.derived(art, [_data(64, 1)], root, opts)
+    # onnxruntime.tools / .quantization call logging.basicConfig on first use; the CLI's stderr
+    # would then carry every library's log lines. Exporting must leave the root logger as it was.
+    assert logging.getLogger().handlers == handlers
     return model, art, {p.info["ptq"]: p for p in peers}
 
 
