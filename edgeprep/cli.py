@@ -204,7 +204,7 @@ def check(report: Path = typer.Argument(..., help="report.json (or run directory
         for c in result.cases:
             color = "yellow" if c.skipped else ("green" if c.passed else "red")
             word = "SKIP" if c.skipped else ("PASS" if c.passed else "FAIL")
-            out.print(f"[{color}]{word}[/{color}] {escape(c.name)}: {escape(c.message)}")
+            out.print(f"[{color}]{word}[/{color}] {escape(c.message)}")  # the message starts with the case name
     if not result.passed:
         raise GateFailedError(result.summary())
 
@@ -220,7 +220,7 @@ def recipes(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> No
         _emit_json(rows)
         return
     for r in rows:
-        out.print(f"[bold]{r['name']}[/bold]  {r['description']}  ({r['path']})")
+        out.print(f"[bold]{escape(r['name'])}[/bold]  {escape(r['description'])}  ({escape(r['path'])})")
 
 
 @app.command()
@@ -251,7 +251,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> Non
     table = Table("component", "installed", "version", "usable here", "note")
     for r in rows:
         table.add_row(r["name"], "yes" if r["installed"] else "no", r["version"] or "-",
-                      "[green]yes[/green]" if r["usable"] else "[red]no[/red]", r["note"])
+                      "[green]yes[/green]" if r["usable"] else "[red]no[/red]", escape(r["note"]))
     out.print(table)
 
 

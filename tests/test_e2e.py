@@ -126,3 +126,20 @@ def test_listings_and_doctor(tmp_path):
     assert "ran a test graph" in rows["onnxruntime"]["note"]
     if not rows["tensorrt"]["installed"]:
         assert "edgeprep[tensorrt]" in rows["tensorrt"]["note"]
+
+
+def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "name: strict\nmodel: {source: vit-tiny-digits}\ntrain: {steps: 5}\nstages: [{kind: finetune}]\n"
+        "export: [{target: onnx}]\nvalidate: {profile: {warmup: 1, iters: 5}}\n"
+        "gates: {max_size_bytes: 1000, min_sqnr_db: 40}\n")
+    proc = run_cli("run", "r.yaml", "--out", "run", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "max_size_bytes on onnx" in lines[0] and "limit 1000" in lines[0]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["passed"] is False
+    gates = {g["name"]: g for g in report["gates"]}
+    assert gates["max_size_bytes"]["passed"] is False and gates["min_sqnr_db"]["passed"] is True
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert '<tr class="fail">' in html and 'banner fail' in html
