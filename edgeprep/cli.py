@@ -171,9 +171,11 @@ def validate(artifact: Path = typer.Argument(..., help="Artifact directory (with
         _emit_json({"artifact": str(art.path), **entry, "passed": not failures})
     else:
         m = entry.get("metric")
+        max_abs = entry["parity"]["max_abs"]
         out.print(f"{art.name} ({art.runtime}): sha256 ok; SQNR "
-                  f"{'identical' if sq is None else f'{sq:.2f} dB'}, max abs {entry['parity']['max_abs']:.3g}, "
-                  f"top-1 agreement {agree:.4f}"
+                  f"{'identical' if sq is None else f'{sq:.2f} dB'}, "
+                  f"max abs {'non-finite' if max_abs is None else f'{max_abs:.3g}'}, "
+                  f"top-1 agreement {'n/a' if agree is None else f'{agree:.4f}'}"
                   + (f", {m['name']} {m['value']:.4f} on {m['samples']} reference samples" if m else "")
                   + f", p50 {entry['latency_ms']['p50']:.3f} ms")
     if failures:
@@ -260,7 +262,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from typer.exceptions import TyperException
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug = bool(argv) and argv[0] == "--debug"  # the global option comes before the command
     try:
         code = app(args=argv, prog_name="edgeprep", standalone_mode=False)
     except EdgeprepError as exc:

@@ -20,6 +20,7 @@ from edgeprep.types import Artifact, TensorSpec
 MANIFEST_NAME = "manifest.json"
 REFERENCE_NAME = "reference.npz"
 MANIFEST_SCHEMA = "edgeprep.manifest/1"
+REQUIRED_KEYS = ("name", "target", "runtime", "file", "sha256", "bytes", "inputs", "outputs", "reference")
 
 
 def describe_file(name: str, target: str, runtime: str, path: Path, inputs: Sequence[TensorSpec],
@@ -73,9 +74,16 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise IntegrityError(f"{path}: manifest is not valid JSON ({exc.msg} at line {exc.lineno}); "
                              "re-export the artifact") from None
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{path}: manifest is not UTF-8 text; re-export the artifact") from None
+    if not isinstance(manifest, dict):
+        raise IntegrityError(f"{path}: manifest is not a JSON object; re-export the artifact")
     if manifest.get("schema") != MANIFEST_SCHEMA:
         raise IntegrityError(f"{path}: schema {manifest.get('schema')!r} is not {MANIFEST_SCHEMA!r}; "
                              "re-export the artifact with this edgeprep version")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise IntegrityError(f"{path}: manifest lacks {', '.join(missing)}; re-export the artifact")
     return manifest
 
 

@@ -31,6 +31,7 @@ from edgeprep.measure.metrics import metric_for, torch_outputs
 from edgeprep.recipe import Recipe, load_recipe
 
 DONE_MARKER = "done.json"
+REPORT_FILES = ("report.json", "report.md", "report.html")
 # Stage kinds that keep the model a plain fp32 model of the same structure: the fp32 baseline is
 # the model after the leading run of these (e.g. the quickstart's training), before compression.
 NON_COMPRESSING_KINDS = frozenset({"finetune"})
@@ -74,16 +75,31 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, opts: RunOptions) -> None:
     stored = run_dir / "recipe.yaml"
     if _holds_results(run_dir):
         if opts.force:
+            if not stored.is_file():  # never rmtree a folder edgeprep did not create
+                raise BadInputError(f"{run_dir} holds results but no recipe.yaml, so it is not an edgeprep run "
+                                    "directory; --force will not delete it; choose another --out")
             shutil.rmtree(run_dir)
         elif opts.resume:
             if stored.is_file() and stored.read_text() != recipe_yaml:
                 raise BadInputError(f"{run_dir}: the recipe changed since this run started; "
                                     "resume needs the same recipe (use --force to start over)")
+            for name in REPORT_FILES:  # rewritten at the end; a stale one must not outlive new artifacts
+                (run_dir / name).unlink(missing_ok=True)
+            _remove_temporaries(run_dir)
         else:
             raise BadInputError(f"{run_dir} already holds a run; pass --resume to continue it, "
                                 "--force to start over, or --out DIR for a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(stored, recipe_yaml)
+
+
+def _remove_temporaries(run_dir: Path) -> None:
+    """Drop what a killed run was writing (fsutil's ``.<name>.*.tmp`` files and directories)."""
+    for p in sorted(run_dir.rglob(".*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _holds_results(run_dir: Path) -> bool:
@@ -150,7 +166,8 @@ def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions,
     decisions: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
     first_compression = _first_compression(recipe)
-    baseline_model = model if first_compression == 0 else None
+    baseline_model = _frozen_copy(model) if first_compression == 0 < len(recipe.stages) else (
+        model if not recipe.stages else None)
     metric_name, metric_fn = metric_for(state.data.task)
     for i, cfg in enumerate(recipe.stages):
         sdir = _stage_dir(run_dir, i, cfg.kind)
@@ -184,7 +201,8 @@ def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions,
             opts.log(f"stage {i} ({cfg.kind}): {metric_name} {entry['metric']['value']:.4f} "
                      f"in {seconds:.1f} s")
         if i + 1 == first_compression:
-            baseline_model = model
+            # Later stages change the model in place: keep the fp32 baseline as its own copy.
+            baseline_model = _frozen_copy(model) if first_compression < len(recipe.stages) else model
     if baseline_model is None:
         baseline_model = model
     return model, baseline_model, entries
@@ -263,9 +281,10 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
     ref_x = np.ascontiguousarray(eval_x[:vcfg.parity_samples])
     ref_y = eval_y[:vcfg.parity_samples]
     baseline_value = metric_fn(torch_outputs(baseline_model, state.eval_x), eval_y)
-    compressed = baseline_model is not model
+    compressed = _first_compression(recipe) < len(recipe.stages)
 
-    artifacts: list[tuple[Any, Any]] = []  # (Artifact, reference outputs source model)
+    artifacts: list[Any] = []
+    group: dict[str, str] = {}  # artifact name -> the export entry it belongs to (speedup reference)
     for cfg in recipe.export:
         exporter = get_exporter(cfg.target)
         name = cfg.artifact_name
@@ -273,15 +292,18 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
         art = _export_one(exporter, model, state.example_inputs, run_dir / "artifacts" / name, cfg,
                           name, "edgeprep", task, ref_x, ref_y)
         artifacts.append(art)
+        group[art.name] = name
         base_art = art
         if compressed:
             base_art = _export_one(exporter, baseline_model, state.example_inputs,
                                    run_dir / "artifacts" / f"{name}-baseline", cfg, f"{name}-baseline",
                                    "baseline", task, ref_x, ref_y)
             artifacts.append(base_art)
+            group[base_art.name] = name
         calib = [np.ascontiguousarray(state.data.calib.numpy())]
         for peer in exporter.derived(base_art, calib, run_dir / "artifacts", cfg):
             artifacts.append(_adopt_peer(peer, baseline_model, task, ref_x, ref_y))
+            group[artifacts[-1].name] = name
 
     entries = []
     speed_ref: dict[str, float] = {}
@@ -297,9 +319,9 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
                  "info": dict(art.info)}
         entries.append(entry)
         if art.role == "baseline" or (art.role == "edgeprep" and not compressed):
-            speed_ref[art.target] = entry["latency_ms"]["p50"]
+            speed_ref[group[art.name]] = entry["latency_ms"]["p50"]
     for entry in entries:
-        ref = speed_ref.get(entry["target"])
+        ref = speed_ref.get(group[entry["name"]])
         entry["speedup"] = (ref / entry["latency_ms"]["p50"]) if ref else None
 
     report = {

@@ -131,7 +131,8 @@ OptimizeLevel = Literal["disable", "basic", "extended", "all"]
 
 class ExportTargetConfig(Strict):
     target: str
-    name: Optional[str] = None  # artifact directory name; defaults to the target
+    # artifact directory name under artifacts/; defaults to the target
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     # onnx options
     opset: int = Field(18, ge=18)
     dynamo: bool = True  # dynamo exporter, falling back to TorchScript (recorded in the report)
@@ -193,10 +194,15 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
         check_stage_order([s.kind for s in self.stages])
-        names = [e.artifact_name for e in self.export]
+        # Every directory the exports will write, including derived ones (-baseline, -ptq-*).
+        names = [n for e in self.export
+                 for n in (e.artifact_name, f"{e.artifact_name}-baseline", *(f"{e.artifact_name}-ptq-{k}" for k in e.ptq))]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"export: artifact name(s) {', '.join(dupes)} used twice; give each a distinct `name`")
+        for i, e in enumerate(self.export):
+            if e.target != "onnx" and (e.ptq or e.mobile):
+                raise ValueError(f"export.{i}: `ptq` and `mobile` apply to target onnx only, not {e.target}")
         if self.gates.min_speedup is not None and not self.export:
             raise ValueError("gates.min_speedup needs at least one export target")
         return self
@@ -263,4 +269,6 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}:{where}: malformed YAML: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file; a recipe is UTF-8 YAML") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}); check its permissions") from None
     return parse_recipe(data, str(path))

@@ -29,12 +29,22 @@ def _load(ckpt_dir: Path, trust_pickle: bool):
     from edgeprep.checkpoint import load_checkpoint
     from edgeprep.data import load_data
 
-    ckpt = load_checkpoint(ckpt_dir, trust_pickle=trust_pickle)
+    ckpt = load_checkpoint(resolve_checkpoint_dir(ckpt_dir), trust_pickle=trust_pickle)
     if "data" not in ckpt.meta:
         raise BadInputError(f"{ckpt_dir}: checkpoint has no data config in its meta; "
                             "it was not written by `edgeprep run` or a stage command")
-    data = load_data(DataConfig(**ckpt.meta["data"]))
-    return ckpt, data
+    try:
+        data_cfg = DataConfig(**ckpt.meta["data"])
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"{ckpt_dir}: the checkpoint's data config is invalid "
+                            f"({' '.join(str(exc).split())[:200]}); re-create the checkpoint") from None
+    return ckpt, load_data(data_cfg)
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    """A checkpoint directory, or a run's stage directory (``runs/x/stages/0-finetune``) holding one."""
+    path = Path(path)
+    return path / "checkpoint" if (path / "checkpoint" / "checkpoint.json").is_file() else path
 
 
 def apply_stage(ckpt_dir: Path, out_dir: Path, config: Any, seed: int = 0,
@@ -54,7 +64,7 @@ def apply_stage(ckpt_dir: Path, out_dir: Path, config: Any, seed: int = 0,
     entry = {"kind": config.kind, "seconds": round(time.perf_counter() - t0, 3),
              "metric": {"name": name, "value": fn(torch_outputs(model, data.test.x), data.test.y.numpy())},
              "notes": ctx.report.notes}
-    base_dir = read_checkpoint_json(Path(ckpt_dir)).get("base_dir")  # where a local factory module lives
+    base_dir = read_checkpoint_json(resolve_checkpoint_dir(ckpt_dir)).get("base_dir")  # where a local factory module lives
     save_checkpoint(Path(out_dir), model, ckpt.model_cfg, ctx.decisions, {**ckpt.meta, "last_stage": entry},
                     base_dir=Path(base_dir) if base_dir else None)
     return entry

@@ -160,6 +160,10 @@ def _input_names(model: Any, n: int) -> list[str]:
 def _export_dynamo(model, example, path: Path, opset: int, external: bool) -> None:
     import torch
 
+    from edgeprep.models.loaders import ExportedProgramModule
+
+    if isinstance(model, ExportedProgramModule):  # a .pt2 source: export its graph, not the wrapper
+        model = model.program
     batch = torch.export.Dim(BATCH_DIM)
     dynamic_shapes = tuple({0: batch} for _ in example)
     with _quiet_torch():

@@ -31,6 +31,10 @@ RECIPE_CASES = [
     ("missing-data-file", GOOD + "data: {source: ./nope.npz}\n", [], "nope.npz"),
     ("data-shape-mismatch", GOOD + "data: {source: digits32}\n", [], "digits32"),
     ("binary-recipe", None, [], "not a text file"),
+    ("artifact-name-escapes", GOOD + "export:\n  - {target: onnx, name: ../stages}\n", [], "export.0.name"),
+    ("derived-name-clash", GOOD + "export:\n  - {target: onnx, ptq: [dynamic]}\n  - {target: onnx, name: onnx-ptq-dynamic}\n",
+     [], "onnx-ptq-dynamic"),
+    ("ptq-on-ort-mobile", GOOD + "export:\n  - {target: ort-mobile, ptq: [static]}\n", [], "onnx only"),
 ]
 
 
@@ -72,3 +76,23 @@ def test_bad_cli_input_is_one_line_exit_2(tmp_path, case_id, args, fragment):
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert fragment in lines[0], lines[0]
+
+
+def test_force_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "r.yaml").write_text(GOOD)
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "report.json").write_text("{}")  # looks like results, but edgeprep did not write it
+    proc = run_cli("run", "r.yaml", "--out", str(precious), "--force", cwd=tmp_path)
+    assert proc.returncode == 2 and "not an edgeprep run directory" in proc.stderr
+    assert (precious / "report.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("manifest", ["[1, 2]", '{"schema": "edgeprep.manifest/1"}', "{not json"])
+def test_malformed_manifest_is_exit_3_one_line(tmp_path, manifest):
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / "manifest.json").write_text(manifest)
+    proc = run_cli("validate", str(art), cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 3 and len(lines) == 1 and "re-export" in lines[0], proc.stderr

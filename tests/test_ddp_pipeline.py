@@ -45,7 +45,7 @@ def test_recipe_under_torchrun_matches_single_process(tmp_path):
     # same function as the 1-process one up to float reduction order.
     a = json.loads((tmp_path / "ddp" / "report.json").read_text())["artifacts"][0]
     b = json.loads((tmp_path / "single" / "report.json").read_text())["artifacts"][0]
-    assert a["metric"]["value"] == b["metric"]["value"]
+    assert abs(a["metric"]["value"] - b["metric"]["value"]) <= 1 / 270 + 1e-9  # at most one near-tie flips
     import numpy as np
 
     from edgeprep.manifest import load_reference

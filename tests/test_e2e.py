@@ -89,7 +89,7 @@ def test_check_against_itself_and_a_faster_baseline(fast_run, tmp_path):
     assert xml.failures >= 3  # one per artifact
 
 
-def test_profile_twice(fast_run, tmp_path):
+def test_profile_command(fast_run, tmp_path):
     proc = run_cli("profile", str(fast_run / "artifacts" / "onnx"), "--iters", "20", "--warmup", "2", "--json",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -100,7 +100,7 @@ def test_profile_twice(fast_run, tmp_path):
 
 
 def test_export_and_finetune_commands_chain_by_hand(fast_run, tmp_path):
-    ckpt = fast_run / "stages" / "0-finetune" / "checkpoint"
+    ckpt = fast_run / "stages" / "0-finetune"  # a run's stage directory is accepted as CKPT
     proc = run_cli("finetune", str(ckpt), "-o", str(tmp_path / "ft"), "--steps", "5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("export", str(tmp_path / "ft"), "--target", "onnx", "-o", str(tmp_path / "art"), "--json",

@@ -72,4 +72,4 @@ def test_sigkill_then_resume(tmp_path):
         assert (run_dir / "stages" / f"{i}-finetune" / "done.json").exists()
     assert (run_dir / "report.json").exists()
     # No temporary leftovers look like results.
-    assert not list(run_dir.glob("stages/*/checkpoint/*.tmp"))
+    assert not [p for p in run_dir.rglob(".*.tmp")], "atomic_dir left a temporary directory behind"

@@ -33,14 +33,15 @@ def torch_outputs(model, x, batch_size: int = 256) -> np.ndarray:
     """Run an eval-mode torch model over ``x`` in batches; return the first output as numpy."""
     import torch
 
+    from edgeprep.train import logits_of
+
     outs = []
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            y = model(x[i:i + batch_size])
-            if isinstance(y, (tuple, list)):
-                y = y[0]
-            outs.append(y.detach().float().cpu().numpy())
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                outs.append(logits_of(model(x[i:i + batch_size])).detach().float().cpu().numpy())
+    finally:
+        model.train(was_training)
     return np.concatenate(outs, axis=0)

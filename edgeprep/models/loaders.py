@@ -216,17 +216,57 @@ def _load_torchscript(path: Path) -> nn.Module:
                             f"{_short(exc)}); save it with torch.jit.save") from None
 
 
+class ExportedProgramModule(nn.Module):
+    """A torch.export program as an ordinary nn.Module.
+
+    ``ExportedProgram.module()`` refuses ``.train()`` / ``.eval()`` (its graph is specialised to the
+    mode it was exported in), which every stage, metric and exporter calls. Mode switches stop at
+    this wrapper: the graph keeps its exported behaviour, and its weights stay trainable.
+    """
+
+    def __init__(self, graph_module: nn.Module):
+        super().__init__()
+        self.program = graph_module
+
+    def forward(self, *args, **kwargs):
+        return self.program(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "ExportedProgramModule":
+        self.training = mode
+        return self
+
+
+def _require_dynamic_batch(program: Any, path: Path) -> None:
+    """Training, evaluation and export all run other batch sizes than the one a program was traced
+    with; a program specialised to one batch fails deep inside with a guard error, so say it here."""
+    for node in program.graph_module.graph.nodes:
+        if node.op != "placeholder" or node.name not in _user_input_names(program):
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], int):
+            raise BadInputError(
+                f"{path}: input {node.name!r} has a fixed batch of {val.shape[0]}; re-export it with a dynamic "
+                "batch dim: torch.export.export(model, args, dynamic_shapes=({0: torch.export.Dim('batch')},))")
+
+
+def _user_input_names(program: Any) -> set[str]:
+    from torch.export.graph_signature import InputKind
+
+    return {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+
+
 def _load_exported(path: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
     try:
         program = torch.export.load(str(path))
     except Exception as exc:
         raise BadInputError(f"{path}: cannot load as a torch.export program ({type(exc).__name__}: "
                             f"{_short(exc)}); save it with torch.export.save") from None
+    _require_dynamic_batch(program, path)
     shape = None
     example = getattr(program, "example_inputs", None)  # ((args...), {kwargs}) when recorded
     if example and len(example[0]) == 1 and isinstance(example[0][0], torch.Tensor):
         shape = tuple(int(d) for d in example[0][0].shape[1:])
-    return program.module(), shape
+    return ExportedProgramModule(program.module()), shape
 
 
 def _load_safetensors_with_factory(path: Path, cfg: ModelConfig, base_dir: Path | None) -> ModelHandle:
