@@ -149,7 +149,8 @@ def profile(artifact: Path = typer.Argument(..., help="Artifact directory or mod
 
 @app.command()
 def validate(artifact: Path = typer.Argument(..., help="Artifact directory (with manifest.json)."),
-             min_sqnr_db: Optional[float] = typer.Option(None, help="Fail (exit 1) below this SQNR."),
+             min_sqnr_db: Optional[float] = typer.Option(
+                 None, help="Fail (exit 1) below this SQNR (default: the manifest's expectation)."),
              min_top1_agreement: Optional[float] = typer.Option(None, help="Fail (exit 1) below this."),
              iters: int = typer.Option(50, min=5), threads: int = typer.Option(1, min=1),
              as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
@@ -159,7 +160,12 @@ def validate(artifact: Path = typer.Argument(..., help="Artifact directory (with
     if not artifact.is_dir():
         raise BadInputError(f"{artifact}: validate needs an artifact directory with manifest.json "
                             "(a bare model file has no reference outputs); use `edgeprep profile` for files")
+    from edgeprep.manifest import read_manifest
+
     art, entry = judge_artifact_dir(artifact, warmup=5, iters=iters, threads=threads, batch=1)
+    expect = read_manifest(artifact).get("expect", {})  # what the run that made it promised
+    if min_sqnr_db is None:
+        min_sqnr_db = expect.get("min_sqnr_db")
     sq = entry["parity"]["sqnr_db"]
     failures = []
     if min_sqnr_db is not None and sq is not None and sq < min_sqnr_db:

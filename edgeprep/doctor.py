@@ -21,7 +21,6 @@ class Component:
 
 def _ort_probe() -> tuple[bool, str]:
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from edgeprep import __version__
+from edgeprep.artifacts import expectations, export_artifact
 from edgeprep.context import Context, StageReport
-from edgeprep.errors import BadInputError, RuntimeFailure
-from edgeprep.fsutil import atomic_dir, write_json_atomic, write_text_atomic
 from edgeprep.data import BUILTIN_SOURCES
+from edgeprep.errors import BadInputError, RuntimeFailure
+from edgeprep.fsutil import write_json_atomic, write_text_atomic
 from edgeprep.manifest import load_artifact, write_manifest
 from edgeprep.measure.metrics import metric_for, torch_outputs
 from edgeprep.recipe import Recipe, load_recipe
@@ -166,7 +167,7 @@ def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions,
     decisions: list[dict[str, Any]] = []
     entries: list[dict[str, Any]] = []
     first_compression = _first_compression(recipe)
-    baseline_model = _frozen_copy(model) if first_compression == 0 < len(recipe.stages) else (
+    baseline_model = frozen_copy(model) if first_compression == 0 < len(recipe.stages) else (
         model if not recipe.stages else None)
     metric_name, metric_fn = metric_for(state.data.task)
     for i, cfg in enumerate(recipe.stages):
@@ -183,7 +184,7 @@ def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions,
             opts.log(f"stage {i} ({cfg.kind}): running")
             ctx = Context(data=state.data, train=recipe.train, example_inputs=state.example_inputs,
                           seed=recipe.seed + i, report=StageReport(kind=cfg.kind),
-                          teacher=_frozen_copy(model), run_dir=run_dir, stage_dir=sdir,
+                          teacher=frozen_copy(model), run_dir=run_dir, stage_dir=sdir,
                           progress=opts.progress, decisions=decisions)
             if main:
                 sdir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions,
                      f"in {seconds:.1f} s")
         if i + 1 == first_compression:
             # Later stages change the model in place: keep the fp32 baseline as its own copy.
-            baseline_model = _frozen_copy(model) if first_compression < len(recipe.stages) else model
+            baseline_model = frozen_copy(model) if first_compression < len(recipe.stages) else model
     if baseline_model is None:
         baseline_model = model
     return model, baseline_model, entries
@@ -236,7 +237,8 @@ def _check_ranks_agree(model: torch.nn.Module, opts: RunOptions) -> None:
     opts.log(f"{len(digests)} ranks agree on the final weights (sha256 {digests[0][:12]})")
 
 
-def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode copy with no gradients: the teacher of a stage, or the kept fp32 baseline."""
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -254,19 +256,6 @@ def _stage_entry(kind, seconds, model, state: _Inputs, report: StageReport, metr
 
 
 # ----------------------------------------------------------------------------- export + judge
-def _export_one(exporter, model, example, out_dir: Path, cfg, name: str, role: str, task: str,
-                ref_x: np.ndarray, labels: np.ndarray):
-    import dataclasses
-
-    ref_out = torch_outputs(model, torch.from_numpy(ref_x))
-    with atomic_dir(out_dir) as tmp:
-        art = exporter.export(model, example, tmp, cfg)
-        art = dataclasses.replace(art, name=name, role=role,
-                                  info={**dict(art.info), "optimize": cfg.optimize})
-        write_manifest(art, task=task, ref_inputs=[ref_x], ref_outputs=[ref_out], labels=labels)
-    return load_artifact(out_dir)
-
-
 def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model, stage_entries, opts):
     from edgeprep.exporters import get_exporter
     from edgeprep.gates import evaluate_gates
@@ -289,15 +278,17 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
         exporter = get_exporter(cfg.target)
         name = cfg.artifact_name
         opts.log(f"export {name} ({cfg.target})")
-        art = _export_one(exporter, model, state.example_inputs, run_dir / "artifacts" / name, cfg,
-                          name, "edgeprep", task, ref_x, ref_y)
+        art = export_artifact(exporter, model, state.example_inputs, run_dir / "artifacts" / name, cfg,
+                              name=name, role="edgeprep", task=task, ref_x=ref_x, labels=ref_y,
+                              expect=expectations("edgeprep", recipe.gates.min_sqnr_db, recipe.gates.max_metric_drop))
         artifacts.append(art)
         group[art.name] = name
         base_art = art
         if compressed:
-            base_art = _export_one(exporter, baseline_model, state.example_inputs,
-                                   run_dir / "artifacts" / f"{name}-baseline", cfg, f"{name}-baseline",
-                                   "baseline", task, ref_x, ref_y)
+            base_art = export_artifact(exporter, baseline_model, state.example_inputs,
+                                       run_dir / "artifacts" / f"{name}-baseline", cfg, name=f"{name}-baseline",
+                                       role="baseline", task=task, ref_x=ref_x, labels=ref_y,
+                                       expect=expectations("baseline", None, None))
             artifacts.append(base_art)
             group[base_art.name] = name
         calib = [np.ascontiguousarray(state.data.calib.numpy())]
@@ -313,7 +304,8 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
         ref_out = torch_outputs(ref_model, torch.from_numpy(ref_x))
         measured = judge(art, task=task, ref_inputs=ref_x, ref_outputs=ref_out, eval_x=eval_x, eval_y=eval_y,
                          warmup=vcfg.profile.warmup, iters=vcfg.profile.iters,
-                         threads=vcfg.profile.threads, batch=vcfg.profile.batch)
+                         threads=vcfg.profile.threads, batch=vcfg.profile.batch,
+                         save_graph_to=run_dir / "runtime_graphs" / f"{art.name}.optimized.onnx")
         entry = {"name": art.name, "target": art.target, "runtime": art.runtime, "role": art.role,
                  "path": str(art.path), "bytes": art.size_bytes, "sha256": art.sha256, **measured,
                  "info": dict(art.info)}
@@ -356,7 +348,8 @@ def _adopt_peer(peer, baseline_model, task, ref_x, ref_y):
         raise TypeError("Exporter.derived must return Artifacts")
     ref_out = torch_outputs(baseline_model, torch.from_numpy(ref_x))
     peer = dataclasses.replace(peer, role="ptq")
-    write_manifest(peer, task=task, ref_inputs=[ref_x], ref_outputs=[ref_out], labels=ref_y)
+    write_manifest(peer, task=task, ref_inputs=[ref_x], ref_outputs=[ref_out], labels=ref_y,
+                   extra={"expect": expectations("ptq", None, None)})
     return load_artifact(peer.dir)
 
 

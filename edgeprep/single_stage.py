@@ -5,20 +5,17 @@ the recipe that produced it.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
-import torch
 
+from edgeprep.artifacts import FP32_MIN_SQNR_DB, export_artifact
 from edgeprep.context import Context, StageReport
 from edgeprep.errors import BadInputError
-from edgeprep.fsutil import atomic_dir
-from edgeprep.manifest import load_artifact, write_manifest
 from edgeprep.measure.metrics import metric_for, torch_outputs
+from edgeprep.pipeline import frozen_copy
 from edgeprep.recipe import DataConfig, ExportTargetConfig, TrainConfig
 from edgeprep.types import Artifact
 
@@ -54,7 +51,7 @@ def apply_stage(ckpt_dir: Path, out_dir: Path, config: Any, seed: int = 0,
 
     ckpt, data = _load(Path(ckpt_dir), trust_pickle)
     model = ckpt.model.eval()
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    teacher = frozen_copy(model)
     ctx = Context(data=data, train=TrainConfig(), example_inputs=(data.test.x[:2].clone(),), seed=seed,
                   report=StageReport(kind=config.kind), teacher=teacher, stage_dir=Path(out_dir),
                   decisions=list(ckpt.decisions))
@@ -70,8 +67,8 @@ def apply_stage(ckpt_dir: Path, out_dir: Path, config: Any, seed: int = 0,
     return entry
 
 
-def export_checkpoint(ckpt_dir: Path, out_dir: Path, options: Mapping[str, Any],
-                      trust_pickle: bool = False) -> Artifact:
+def export_checkpoint(ckpt_dir: Path, out_dir: Path, options: Mapping[str, Any], trust_pickle: bool = False,
+                      min_sqnr_db: Optional[float] = FP32_MIN_SQNR_DB) -> Artifact:
     from edgeprep.exporters import get_exporter
     from edgeprep.recipe import parse_export_target
 
@@ -79,12 +76,7 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, options: Mapping[str, Any],
     ckpt, data = _load(Path(ckpt_dir), trust_pickle)
     model = ckpt.model.eval()
     ref_x = np.ascontiguousarray(data.test.x[:REFERENCE_SAMPLES].numpy())
-    ref_out = torch_outputs(model, torch.from_numpy(ref_x))
-    exporter = get_exporter(cfg.target)
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        art = exporter.export(model, (data.test.x[:2].clone(),), tmp, cfg)
-        art = dataclasses.replace(art, name=out_dir.name, info={**dict(art.info), "optimize": cfg.optimize})
-        write_manifest(art, task=data.task, ref_inputs=[ref_x], ref_outputs=[ref_out],
-                       labels=data.test.y[:REFERENCE_SAMPLES].numpy())
-    return load_artifact(out_dir)
+    return export_artifact(get_exporter(cfg.target), model, (data.test.x[:2].clone(),), Path(out_dir), cfg,
+                           name=Path(out_dir).name, role="edgeprep", task=data.task, ref_x=ref_x,
+                           labels=data.test.y[:REFERENCE_SAMPLES].numpy(),
+                           expect={"min_sqnr_db": min_sqnr_db} if min_sqnr_db is not None else {})

@@ -36,7 +36,7 @@ def load_runtime(artifact: Artifact, threads: int = 1):
 
 def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray, ref_outputs: np.ndarray,
           eval_x: Optional[np.ndarray], eval_y: Optional[np.ndarray], warmup: int, iters: int,
-          threads: int, batch: int) -> dict[str, Any]:
+          threads: int, batch: int, save_graph_to: Optional[Path] = None) -> dict[str, Any]:
     """Measure ``artifact`` on its runtime; returns the report's per-artifact fields."""
     loaded = load_runtime(artifact, threads=threads)
     outputs = run_batched(loaded, ref_inputs)
@@ -50,7 +50,7 @@ def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray, ref_outputs:
     profile_inputs = [_batch_of(ref_inputs, batch)]
     stats: LatencyStats = loaded.profile(profile_inputs, warmup=warmup, iters=iters)
     entry["latency_ms"] = stats.to_report()
-    entry["precision"] = loaded.precision_census()
+    entry["precision"] = loaded.precision_census(save_graph_to=save_graph_to)
     return entry
 
 

@@ -60,8 +60,10 @@ class LoadedModel(ABC):
         return time_callable(lambda: self.run(inputs), warmup=warmup, iters=iters,
                              threads=self.threads, batch=int(inputs[0].shape[0]))
 
-    def precision_census(self) -> dict[str, Any] | None:
+    def precision_census(self, save_graph_to: Path | None = None) -> dict[str, Any] | None:
         """Which heavy ops run in low precision after the runtime's own graph rewrites.
+
+        With ``save_graph_to``, also write the graph the runtime executes there (when it can).
 
         Returns {"low_precision_op_fraction": float, "ops": {op_type: count}, ...} or None when
         the runtime cannot show its executed graph.

@@ -176,13 +176,22 @@ class OrtModel(LoadedModel):
         return time_callable(lambda: run(None, feed), warmup=warmup, iters=iters,
                              threads=self.threads, batch=int(next(iter(feed.values())).shape[0]))
 
-    def precision_census(self) -> dict[str, Any]:
+    def precision_census(self, save_graph_to: Optional[Path] = None) -> dict[str, Any]:
         from edgeprep.measure.census import census_from_counts, census_of_model
 
         if self.artifact.path.suffix == ".ort":
             return census_from_counts(ort_format_op_counts(self.artifact.path),
                                       optimization_level="saved-in-ort-file")
-        return census_of_model(optimized_graph(self.artifact.path, self.optimize), self.optimize)
+        graph = optimized_graph(self.artifact.path, self.optimize)
+        census = census_of_model(graph, self.optimize)
+        if save_graph_to is not None:  # the graph ORT really runs, for the user to open in Netron
+            import onnx
+
+            from edgeprep.fsutil import write_bytes_atomic
+
+            write_bytes_atomic(Path(save_graph_to), onnx.ModelProto.SerializeToString(graph))
+            census["optimized_graph"] = str(save_graph_to)
+        return census
 
 
 class OrtRuntime(Runtime):

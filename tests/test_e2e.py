@@ -40,6 +40,13 @@ def test_report_schema_and_numbers(fast_run):
     assert names["onnx-ptq-dynamic"]["precision"]["low_precision_op_fraction"] > 0.5
     assert fp32["speedup"] == pytest.approx(1.0)
     assert {g["name"] for g in report["gates"]} == {"max_metric_drop", "min_sqnr_db", "max_size_bytes"}
+    # The graph ORT really executes is kept for every artifact (what the census counted).
+    static_graph = fast_run / "runtime_graphs" / "onnx-ptq-static.optimized.onnx"
+    assert names["onnx-ptq-static"]["precision"]["optimized_graph"] == str(static_graph)
+    import onnx
+
+    op_types = {n.op_type for n in onnx.load(str(static_graph)).graph.node}
+    assert "QLinearMatMul" in op_types and "MatMul" not in op_types
     for f in ("report.md", "report.html", "recipe.yaml"):
         assert (fast_run / f).is_file()
 
@@ -50,6 +57,33 @@ def test_runtime_tests_pass_on_the_run(fast_run):
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def test_runtime_tests_latency_budget_really_gates(fast_run, tmp_path):
+    # A budget no machine meets (1 ns): the latency check must fail, deterministically.
+    run = tmp_path / "run"
+    shutil.copytree(fast_run, run)
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("  max_latency_ms_p90: null", "  max_latency_ms_p90: 1.0e-06"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", str(REPO / "runtime_tests"), "--run-dir", str(run),
+                           "-k", "latency_budget", "-p", "no:cacheprovider"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "1 failed" in proc.stdout and "budget 1e-06 ms" in proc.stdout
+
+
+def test_validate_uses_the_manifest_expectation(fast_run, tmp_path):
+    manifest = json.loads((fast_run / "artifacts" / "onnx" / "manifest.json").read_text())
+    assert manifest["expect"] == {"min_sqnr_db": 40.0, "max_metric_drop": 0.01}
+    peer = json.loads((fast_run / "artifacts" / "onnx-ptq-static" / "manifest.json").read_text())
+    assert peer["expect"] == {}
+    art = tmp_path / "strict"
+    shutil.copytree(fast_run / "artifacts" / "onnx-ptq-static", art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["expect"] = {"min_sqnr_db": 99.0}  # int8 cannot reach this: validate alone must fail
+    (art / "manifest.json").write_text(json.dumps(m))
+    proc = run_cli("validate", str(art), cwd=tmp_path)
+    assert proc.returncode == 1 and "< 99.0 dB" in proc.stderr, proc.stderr
 
 
 def test_validate_alone_and_corruption(fast_run, tmp_path):
