@@ -298,10 +298,12 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
 
     entries = []
     speed_ref: dict[str, float] = {}
+    # Parity reference: the final model for edgeprep's artifacts, the fp32 baseline for the rest.
+    ref_outputs = {"edgeprep": torch_outputs(model, torch.from_numpy(ref_x))}
+    ref_outputs["other"] = torch_outputs(baseline_model, torch.from_numpy(ref_x)) if compressed else ref_outputs["edgeprep"]
     for art in artifacts:
         opts.log(f"judge {art.name} on {art.runtime}")
-        ref_model = model if art.role == "edgeprep" else baseline_model
-        ref_out = torch_outputs(ref_model, torch.from_numpy(ref_x))
+        ref_out = ref_outputs["edgeprep" if art.role == "edgeprep" else "other"]
         measured = judge(art, task=task, ref_inputs=ref_x, ref_outputs=ref_out, eval_x=eval_x, eval_y=eval_y,
                          warmup=vcfg.profile.warmup, iters=vcfg.profile.iters,
                          threads=vcfg.profile.threads, batch=vcfg.profile.batch,

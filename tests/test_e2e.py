@@ -177,3 +177,20 @@ def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):
     assert gates["max_size_bytes"]["passed"] is False and gates["min_sqnr_db"]["passed"] is True
     html = (tmp_path / "run" / "report.html").read_text()
     assert '<tr class="fail">' in html and 'banner fail' in html
+
+
+def test_diverging_training_stops_with_exit_3_and_keeps_last_good_weights(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "name: nan\nmodel: {source: vit-tiny-digits}\n"
+        "train: {steps: 50, lr: 1.0e+6, grad_clip_norm: 0, warmup_steps: 0}\n"
+        "stages: [{kind: finetune}]\nexport: [{target: onnx}]\n")
+    proc = run_cli("run", "r.yaml", "--out", "run", cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 3 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "diverged at step" in lines[0] and "lower lr" in lines[0]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "stages" / "0-finetune" / "last_good.safetensors"))
+    assert weights and all(bool(t.isfinite().all()) for t in weights.values())
+    assert not (tmp_path / "run" / "stages" / "0-finetune" / "done.json").exists()
+    assert not (tmp_path / "run" / "report.json").exists()
