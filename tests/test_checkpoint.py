@@ -131,7 +131,8 @@ def test_file_source_made_absolute_and_guarded_by_sha256(tmp_path, monkeypatch):
     src_dir.mkdir()
     model = perturbed(load_model(ModelConfig(source="vit-tiny-digits")).module)
     x = torch.randn(2, 1, 8, 8)
-    torch.export.save(torch.export.export(model, (x,)), str(src_dir / "m.pt2"))
+    batch = ({0: torch.export.Dim("batch")},)  # a fixed-batch program is refused at load
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=batch), str(src_dir / "m.pt2"))
     cfg = ModelConfig(source="m.pt2")
     save_checkpoint(tmp_path / "ck", load_model(cfg, base_dir=src_dir).module, cfg, [], {}, base_dir=src_dir)
     doc = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())

@@ -168,10 +168,14 @@ def test_torchscript_round_trip(tmp_path, tiny, x8):
 
 
 def test_exported_program_round_trip(tmp_path, tiny, x8):
-    torch.export.save(torch.export.export(tiny.module, (x8,)), str(tmp_path / "m.pt2"))
+    batch = ({0: torch.export.Dim("batch")},)
+    torch.export.save(torch.export.export(tiny.module, (x8,), dynamic_shapes=batch), str(tmp_path / "m.pt2"))
     h = load_model(ModelConfig(source=str(tmp_path / "m.pt2")))
     assert h.input_shape == (1, 8, 8)  # read from the program's example inputs
     assert max_abs(h.module(x8), tiny.module(x8)) == 0
+    assert max_abs(h.module(x8[:1]), tiny.module(x8[:1])) == 0  # any batch size runs
+    h.module.train()  # mode switches stop at the wrapper instead of raising
+    assert h.module.training and max_abs(h.module(x8), tiny.module(x8)) == 0
 
 
 def test_safetensors_with_zoo_or_string_factory(tmp_path, x8):
