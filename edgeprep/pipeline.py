@@ -10,6 +10,7 @@ Run directory layout (DESIGN.md):
 from __future__ import annotations
 
 import copy
+import json
 import platform
 import shutil
 import time
@@ -176,8 +177,6 @@ def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions,
         if opts.resume and marker.is_file():
             ckpt = load_checkpoint(sdir / "checkpoint", trust_pickle=state.trust_pickle)
             model, decisions = ckpt.model.eval(), list(ckpt.decisions)
-            import json
-
             entries.append(json.loads(marker.read_text()))
             opts.log(f"stage {i} ({cfg.kind}): done in an earlier run, loaded its checkpoint")
         else:

@@ -72,7 +72,7 @@ def judge_artifact_dir(artifact_dir: Path, *, warmup: int, iters: int, threads: 
 
 # ----------------------------------------------------------------------------- bare model files
 # A model file without a manifest can still be profiled (not validated: it has no reference).
-SUFFIX_TARGETS = {".onnx": ("onnx", "onnxruntime"), ".ort": ("onnx", "onnxruntime")}
+SUFFIX_TARGETS = {".onnx": ("onnx", "onnxruntime"), ".ort": ("ort-mobile", "onnxruntime")}
 
 
 def artifact_from_path(path: Path, verify: bool = True) -> Artifact:
@@ -94,18 +94,11 @@ def artifact_from_path(path: Path, verify: bool = True) -> Artifact:
 
 
 def _onnx_inputs(path: Path) -> tuple[TensorSpec, ...]:
-    import onnxruntime as ort
+    from edgeprep.exporters.onnxruntime_rt import ORT_DTYPES, create_session
 
-    from edgeprep.errors import RuntimeFailure
-
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types; report them as one line
-        raise RuntimeFailure(f"{path}: ONNX Runtime cannot load it: {str(exc).splitlines()[0]}") from None
-    dtypes = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
-              "tensor(float16)": "float16", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+    sess = create_session(path)  # a load failure is a one-line RuntimeFailure (exit 3)
     return tuple(TensorSpec(i.name, tuple(d if isinstance(d, int) else "batch" for d in i.shape),
-                            dtypes.get(i.type, "float32")) for i in sess.get_inputs())
+                            np.dtype(ORT_DTYPES.get(i.type, np.float32)).name) for i in sess.get_inputs())
 
 
 def synthetic_inputs(artifact: Artifact, batch: int, seed: int = 0) -> list[np.ndarray]:
