@@ -21,8 +21,15 @@ from torch import nn
 from edgeprep.errors import BadInputError
 from edgeprep.fsutil import atomic_dir, sha256_file, write_json_atomic
 from edgeprep.models import load_model
-from edgeprep.models.loaders import (absolute_model_config, load_state_dict_strict, read_safetensors, set_eval,
-                                     source_path)
+from edgeprep.models.loaders import (
+    absolute_model_config,
+    load_state_dict_strict,
+    read_safetensors,
+    set_eval,
+    source_path,
+)
+from edgeprep.pruning.surgery import HEADS_KIND, MLP_KIND
+from edgeprep.pruning.surgery import apply_decision as apply_pruning_decision
 from edgeprep.recipe import ModelConfig
 
 SCHEMA = "edgeprep.checkpoint/1"
@@ -30,8 +37,11 @@ CONFIG_FILE = "checkpoint.json"
 WEIGHTS_FILE = "model.safetensors"
 
 # decision["kind"] -> function(model, decision) -> model with that decision applied (structure only;
-# the weights come from model.safetensors afterwards). Structural stages register their kinds here.
-DECISION_REPLAYERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {}
+# the weights come from model.safetensors afterwards). Every structural decision kind is listed here.
+DECISION_REPLAYERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {
+    HEADS_KIND: apply_pruning_decision,  # attention heads removed from a ViT block
+    MLP_KIND: apply_pruning_decision,  # MLP intermediate neurons removed from a ViT block
+}
 
 
 @dataclass
