@@ -18,6 +18,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
                           capture_output=True, text=True, timeout=timeout)
 
 
+def stderr_lines(proc) -> list[str]:
+    """Non-empty stderr lines of a CLI call (a bad input must produce exactly one)."""
+    return [ln for ln in proc.stderr.splitlines() if ln.strip()]
+
+
+def error_lines(proc) -> list[str]:
+    """The stderr lines that report an error (progress lines start with "›")."""
+    return [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+
+
+def run_recipe_text(tmp_path: Path, text: str, *args: str):
+    """Write ``text`` as tmp_path/r.yaml and `edgeprep run` it into tmp_path/run."""
+    (tmp_path / "r.yaml").write_text(text)
+    return run_cli("run", "r.yaml", "--out", "run", *args, cwd=tmp_path)
+
+
 # A quickstart with a smaller budget: the same stages, export, peers and gates, in seconds.
 FAST_RECIPE = """\
 name: fast

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, stderr_lines
 
 GOOD = "name: t\nmodel: {source: vit-tiny-digits}\n"
 
@@ -46,7 +46,7 @@ def test_bad_recipe_is_one_line_exit_2(tmp_path, case_id, text, extra, fragment)
     else:
         recipe.write_text(text)
     proc = run_cli("run", str(recipe), "--out", str(tmp_path / "run"), *extra, cwd=tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = stderr_lines(proc)
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -71,7 +71,7 @@ def test_bad_cli_input_is_one_line_exit_2(tmp_path, case_id, args, fragment):
     if case_id == "profile-unknown-suffix":
         (tmp_path / "README.md").write_text("# not a model\n")
     proc = run_cli(*args, cwd=tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = stderr_lines(proc)
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -94,5 +94,5 @@ def test_malformed_manifest_is_exit_3_one_line(tmp_path, manifest):
     art.mkdir()
     (art / "manifest.json").write_text(manifest)
     proc = run_cli("validate", str(art), cwd=tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = stderr_lines(proc)
     assert proc.returncode == 3 and len(lines) == 1 and "re-export" in lines[0], proc.stderr

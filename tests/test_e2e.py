@@ -9,7 +9,7 @@ import sys
 import pytest
 from junitparser import JUnitXml
 
-from conftest import REPO, run_cli
+from conftest import REPO, error_lines, run_cli, run_recipe_text, stderr_lines
 
 REPORT_KEYS = {"schema", "recipe", "model", "baseline", "stages", "artifacts", "gates", "passed"}
 ARTIFACT_KEYS = {"target", "runtime", "path", "bytes", "sha256", "parity", "metric", "latency_ms", "precision"}
@@ -99,7 +99,7 @@ def test_validate_alone_and_corruption(fast_run, tmp_path):
     model.write_bytes(bytes(data))
     proc = run_cli("validate", str(broken), cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = stderr_lines(proc)
     assert len(lines) == 1 and "sha256" in lines[0] and "Traceback" not in proc.stderr
 
 
@@ -163,13 +163,12 @@ def test_listings_and_doctor(tmp_path):
 
 
 def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):
-    (tmp_path / "r.yaml").write_text(
-        "name: strict\nmodel: {source: vit-tiny-digits}\ntrain: {steps: 5}\nstages: [{kind: finetune}]\n"
+    proc = run_recipe_text(
+        tmp_path, "name: strict\nmodel: {source: vit-tiny-digits}\ntrain: {steps: 5}\nstages: [{kind: finetune}]\n"
         "export: [{target: onnx}]\nvalidate: {profile: {warmup: 1, iters: 5}}\n"
         "gates: {max_size_bytes: 1000, min_sqnr_db: 40}\n")
-    proc = run_cli("run", "r.yaml", "--out", "run", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    lines = error_lines(proc)
     assert len(lines) == 1 and "max_size_bytes on onnx" in lines[0] and "limit 1000" in lines[0]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["passed"] is False
@@ -180,12 +179,11 @@ def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):
 
 
 def test_diverging_training_stops_with_exit_3_and_keeps_last_good_weights(tmp_path):
-    (tmp_path / "r.yaml").write_text(
-        "name: nan\nmodel: {source: vit-tiny-digits}\n"
+    proc = run_recipe_text(
+        tmp_path, "name: nan\nmodel: {source: vit-tiny-digits}\n"
         "train: {steps: 50, lr: 1.0e+6, grad_clip_norm: 0, warmup_steps: 0}\n"
         "stages: [{kind: finetune}]\nexport: [{target: onnx}]\n")
-    proc = run_cli("run", "r.yaml", "--out", "run", cwd=tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    lines = error_lines(proc)
     assert proc.returncode == 3 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "diverged at step" in lines[0] and "lower lr" in lines[0]
     from safetensors.torch import load_file

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from conftest import run_cli
+from conftest import run_recipe_text, stderr_lines
 from edgeprep.models import ZOO
 
 RECIPE = ("name: pt2\nmodel: {source: vit.pt2}\ndata: {source: digits}\ntrain: {steps: 20}\n"
@@ -21,8 +21,7 @@ def _save(path, dynamic: bool):
 
 def test_pt2_with_dynamic_batch_runs_end_to_end(tmp_path):
     _save(tmp_path / "vit.pt2", dynamic=True)
-    (tmp_path / "r.yaml").write_text(RECIPE)
-    proc = run_cli("run", "r.yaml", "--out", "run", cwd=tmp_path)
+    proc = run_recipe_text(tmp_path, RECIPE)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     onnx = report["artifacts"][0]
@@ -32,8 +31,7 @@ def test_pt2_with_dynamic_batch_runs_end_to_end(tmp_path):
 
 def test_pt2_with_fixed_batch_is_refused_with_the_fix(tmp_path):
     _save(tmp_path / "vit.pt2", dynamic=False)
-    (tmp_path / "r.yaml").write_text(RECIPE)
-    proc = run_cli("run", "r.yaml", "--out", "run", cwd=tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    proc = run_recipe_text(tmp_path, RECIPE)
+    lines = stderr_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "fixed batch of 2" in lines[0] and "Dim('batch')" in lines[0]
