@@ -28,6 +28,8 @@ from edgeprep.models.loaders import (
     set_eval,
     source_path,
 )
+from edgeprep.pruning.bert import BERT_HEADS_KIND, BERT_MLP_KIND, apply_bert_decision
+from edgeprep.pruning.conv import CHANNELS_KIND, apply_channels_decision
 from edgeprep.pruning.surgery import HEADS_KIND, MLP_KIND
 from edgeprep.pruning.surgery import apply_decision as apply_pruning_decision
 from edgeprep.recipe import ModelConfig
@@ -41,6 +43,9 @@ WEIGHTS_FILE = "model.safetensors"
 DECISION_REPLAYERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {
     HEADS_KIND: apply_pruning_decision,  # attention heads removed from a ViT block
     MLP_KIND: apply_pruning_decision,  # MLP intermediate neurons removed from a ViT block
+    BERT_HEADS_KIND: apply_bert_decision,  # attention heads removed from a BERT-style layer
+    BERT_MLP_KIND: apply_bert_decision,  # intermediate neurons removed from a BERT-style layer
+    CHANNELS_KIND: apply_channels_decision,  # internal channels removed from a residual CNN block
 }
 
 

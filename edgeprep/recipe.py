@@ -96,13 +96,40 @@ class FinetuneConfig(StageConfig):
     distill: Optional[DistillConfig] = None  # None: plain cross-entropy; else KD from the teacher
 
 
+class PruneConfig(StageConfig):
+    """Structural pruning (Adapt-Pruner): heads / MLP neurons / conv channels physically removed."""
+
+    kind: Literal["prune"] = "prune"
+    pruning_ratio: float = Field(gt=0, lt=1)  # fraction of the stage's input params (or MACs) removed
+    budget: Literal["params", "macs"] = "params"
+    allocation: Literal["adaptive", "uniform", "erk"] = "adaptive"
+    schedule: Literal["incremental", "one-shot"] = "incremental"
+    ratio_per_stage: float = Field(0.05, gt=0, le=1)  # incremental: share of the original removed per stage
+    inner_steps: int = Field(10, ge=1)  # adaptive allocation steps per stage, each on a fresh batch
+    importance: Literal["taylor", "magnitude", "random"] = "taylor"
+    units: Optional[list[Literal["heads", "mlp", "channels"]]] = None  # None: all the model has
+    amplitude: float = Field(0.02, ge=0)  # A in s_l <- clip(s_l + D - A * I^_l)
+    calibration_batch: int = Field(64, ge=1)  # samples per importance / Taylor batch
+    # Training after each pruning stage; default: train.steps split evenly over the stages.
+    steps_per_stage: Optional[int] = Field(None, ge=0)
+    train: TrainOverrides = Field(default_factory=TrainOverrides)
+    distill: Optional[DistillConfig] = Field(default_factory=DistillConfig)  # null: labels only
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("units must be a non-empty list without repeats, e.g. [heads, mlp]")
+        return v
+
+
 # Stage kinds in the order they may appear. ``finetune`` may go anywhere; every other kind must
 # come after all kinds of a lower rank (e.g. prune before reparam before qat/binarize), and the
 # low-precision kinds are mutually exclusive. Later issues add their kinds here.
 STAGE_RANK: dict[str, int] = {"prune": 1, "reparam": 2, "qat": 3, "binarize": 3}
 EXCLUSIVE_KINDS: tuple[frozenset[str], ...] = (frozenset({"qat", "binarize"}),)
 
-STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig,)
+STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig, PruneConfig)
 STAGE_KINDS: tuple[str, ...] = tuple(c.model_fields["kind"].default for c in STAGE_CONFIGS)
 StageUnion = Annotated[Union[STAGE_CONFIGS], Field(discriminator="kind")]
 

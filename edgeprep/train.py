@@ -247,12 +247,14 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
           step_callbacks: Sequence[Callable[[int, nn.Module], None]] = (),
           eval_fn: Optional[Callable[[nn.Module], Mapping[str, float]]] = None,
           progress: bool = True, description: str = "train",
-          last_good_path: Optional[Path] = None) -> TrainResult:
+          last_good_path: Optional[Path] = None,
+          lr_fn: Optional[Callable[[int], float]] = None) -> TrainResult:
     """Train ``model`` in place on ``split`` (x float [N, ...], y int64 [N]) and return what happened.
 
     ``distill`` mixes ``alpha * KD + (1 - alpha) * CE`` against ``teacher`` (run in eval mode under
     no_grad). ``step_callbacks`` run after each optimizer step with (0-based step, model);
     ``eval_fn`` runs every ``cfg.eval_every`` steps (eval mode, no_grad) and lands in the history.
+    ``lr_fn(step)`` replaces the warmup + cosine schedule (a stage spanning several calls uses it).
     Raises TrainingDivergedError, with the last good weights restored into ``model`` (and written
     to ``last_good_path`` by rank 0), when a loss term or the gradient norm is not finite.
     """
@@ -291,7 +293,7 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
             torch.manual_seed(seed + rank)
             task = bar.add_task(description, total=cfg.steps, loss=float("nan"))
             for step in range(cfg.steps):
-                lr = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+                lr = lr_fn(step) if lr_fn is not None else lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)

@@ -125,3 +125,110 @@ def keep_indices(scores: Sequence[float] | torch.Tensor, n_keep: int) -> list[in
     s = _vec(scores)
     gone = set(lowest_units(s, s.numel() - n_keep))
     return [i for i in range(s.numel()) if i not in gone]
+
+
+def fit_offset(s: Sequence[float] | torch.Tensor, weights: Sequence[float] | torch.Tensor, target: float,
+               max_sparsity: float = MAX_SPARSITY) -> torch.Tensor:
+    """Shift all sparsities by one offset c so that sum_l w_l * clip(s_l + c) = target * sum_l w_l.
+
+    With equal layer sizes and no clipping the adaptive step already averages D, so c = 0 and the
+    allocation is untouched; c only absorbs clipping and unequal layer sizes (e.g. CNN stages), which
+    keeps every step on its exact budget. Solved by bisection (the sum is monotone in c).
+    """
+    s, w = _vec(s), _vec(weights)
+    if s.shape != w.shape:
+        raise BadInputError(f"fit_offset: {s.numel()} sparsities but {w.numel()} weights")
+    goal = float(target) * float(w.sum())
+    if not 0.0 <= target <= max_sparsity:
+        raise BadInputError(f"fit_offset: target sparsity {target:.4f} is outside [0, {max_sparsity}]")
+
+    def total(c: float) -> float:
+        return float((w * (s + c).clamp(0.0, max_sparsity)).sum())
+
+    lo, hi = -1.0 - float(s.max()), 1.0 - float(s.min()) + max_sparsity
+    for _ in range(100):  # 2^-100 of a width-3 bracket: far below any unit's share of a layer
+        mid = 0.5 * (lo + hi)
+        if total(mid) < goal:
+            lo = mid
+        else:
+            hi = mid
+    return (s + 0.5 * (lo + hi)).clamp(0.0, max_sparsity)
+
+
+def plan_removals(original: Sequence[int], current: Sequence[int], unit_cost: Sequence[float],
+                  sparsity: Sequence[float], block: Sequence[int], coarse: Sequence[bool],
+                  target_cost: float, min_keep: int = 1, exact: bool = True) -> list[int]:
+    """Units to have removed (of each group's original count) so the removed cost hits ``target_cost``.
+
+    Each group g asks for sparsity[g] * original[g] units. Coarse groups (attention heads) round to the
+    nearest unit first and hand their rounding error, as cost, to the fine groups of the same block
+    (MLP neurons), so a block keeps its budget even when a head is a third of its attention. Fine
+    groups then round down, and single fine units (coarse ones only when there are no fine groups)
+    are added or taken back while that brings the total strictly closer to the target: the result
+    is within half a fine unit's cost whenever the limits allow. Pruning is one-way: a group never
+    has fewer units removed than it has now.
+
+    ``exact=False`` (the intermediate steps of a gradual schedule) rounds heads to nearest and lets
+    neurons take only their own share, minus what heads took beyond theirs, with no settling. Neurons
+    then never run ahead of their share, so a later head that rounds up can always be paid for by
+    neurons not yet removed; settling at every step instead over-prunes the neurons while heads lag,
+    and one-way pruning cannot give those back when the head finally goes.
+    """
+    n = len(original)
+    if not (len(current) == len(unit_cost) == len(sparsity) == len(block) == len(coarse) == n):
+        raise BadInputError("plan_removals: one original/current/cost/sparsity/block/coarse entry per group")
+    lo = [original[g] - current[g] for g in range(n)]  # already removed
+    hi = [max(lo[g], original[g] - min_keep) for g in range(n)]
+    want = [float(sparsity[g]) * original[g] for g in range(n)]
+    removed = [0] * n
+    fine_cost: dict[int, float] = {}
+    fine_lo: dict[int, float] = {}  # cost the block's fine groups have already removed (one-way)
+    fine_hi: dict[int, float] = {}
+    for g in range(n):
+        if not coarse[g]:
+            fine_cost[block[g]] = fine_cost.get(block[g], 0.0) + original[g] * unit_cost[g]
+            fine_lo[block[g]] = fine_lo.get(block[g], 0.0) + lo[g] * unit_cost[g]
+            fine_hi[block[g]] = fine_hi.get(block[g], 0.0) + hi[g] * unit_cost[g]
+    carry: dict[int, float] = {}
+    for g in range(n):
+        if coarse[g]:
+            b = block[g]
+            goal_b = want[g] * unit_cost[g] + carry.get(b, 0.0) + sum(
+                want[f] * unit_cost[f] for f in range(n) if block[f] == b and not coarse[f])
+
+            def miss(r: int) -> float:
+                # How far the block lands from its budget if this group removes r units and the fine
+                # groups absorb the rest within what they have already removed and can still remove.
+                fine = min(fine_hi.get(b, 0.0), max(fine_lo.get(b, 0.0), goal_b - r * unit_cost[g]))
+                return abs(r * unit_cost[g] + fine - goal_b)
+
+            options = sorted({min(hi[g], max(lo[g], r)) for r in (math.floor(want[g]), math.floor(want[g]) + 1)})
+            if exact:  # the closest block total wins; ties go to the nearest rounding of this group's wish
+                removed[g] = min(options, key=lambda r: (round(miss(r), 6), abs(r - want[g])))
+            else:
+                removed[g] = min(hi[g], max(lo[g], math.floor(want[g] + 0.5)))
+            extra = (want[g] - removed[g]) * unit_cost[g]
+            carry[b] = carry.get(b, 0.0) + (extra if exact else min(0.0, extra))
+    for g in range(n):
+        if not coarse[g]:
+            share = original[g] * unit_cost[g] / fine_cost[block[g]] if fine_cost[block[g]] else 0.0
+            want[g] += carry.get(block[g], 0.0) * share / unit_cost[g]
+            removed[g] = min(hi[g], max(lo[g], math.floor(want[g])))
+    if not exact:
+        return removed
+    total = sum(removed[g] * unit_cost[g] for g in range(n))
+    # Only fine units settle the total when there are any: taking a head back here to offset neurons
+    # that an earlier step removed (one-way) would stall head pruning and pile it all on the MLPs.
+    adjustable = [g for g in range(n) if not coarse[g]] or list(range(n))
+    while True:  # every move strictly shrinks |target - total|, so this ends
+        gap = target_cost - total
+        step = 1 if gap > 0 else -1
+        movable = [g for g in adjustable
+                   if (removed[g] < hi[g] if step > 0 else removed[g] > lo[g])
+                   and abs(gap - step * unit_cost[g]) < abs(gap)]
+        if not movable:
+            return removed
+        # The group furthest behind (adding) or ahead (taking back) of its own wish moves first.
+        g = max(movable, key=lambda g: (step * (want[g] - removed[g]), -unit_cost[g], -g))
+        removed[g] += step
+        total += step * unit_cost[g]

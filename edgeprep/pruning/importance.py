@@ -14,7 +14,8 @@ and the allocation gives it more sparsity.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,10 +91,15 @@ def vit_block_paths(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def layer_importance(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor,
-                     block_paths: Iterable[str] | None = None) -> torch.Tensor:
+def layer_importance(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Tensor | dict[str, torch.Tensor],
+                     block_paths: Iterable[str] | None = None,
+                     io_pair: Callable[[nn.Module, tuple, dict, Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     ) -> torch.Tensor:
     """[blocks] I_l = -mean over (batch, tokens) of cos(input_l, output_l), from one forward pass.
 
+    ``io_pair(block, args, kwargs, output) -> (input, output)`` picks the two tensors to compare,
+    features on the last axis (default: the first positional input and the first output). A CNN
+    block uses it to compare its output with its shortcut branch and to move channels last.
     Runs in eval mode (restored afterwards) so BatchNorm statistics and dropout are untouched.
     """
     paths = list(block_paths) if block_paths is not None else vit_block_paths(model)
@@ -102,19 +108,24 @@ def layer_importance(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Te
     seen: dict[str, torch.Tensor] = {}
 
     def hook_for(path: str):
-        def hook(_mod, args, output):
-            x = args[0]
-            out = output[0] if isinstance(output, (tuple, list)) else output
+        def hook(mod, args, kwargs, output):
+            if io_pair is not None:
+                x, out = io_pair(mod, args, kwargs, output)
+            else:
+                x = args[0] if args else next(iter(kwargs.values()))
+                out = output[0] if isinstance(output, (tuple, list)) else output
             # cos over the feature (last) axis per token, averaged over every token of the batch.
             cos = F.cosine_similarity(x.double(), out.double(), dim=-1)
             seen[path] = -cos.mean()
         return hook
 
-    handles = [model.get_submodule(p).register_forward_hook(hook_for(p)) for p in paths]
+    handles = [model.get_submodule(p).register_forward_hook(hook_for(p), with_kwargs=True) for p in paths]
     was_training = model.training
     model.eval()
     try:
-        if isinstance(inputs, (tuple, list)):
+        if isinstance(inputs, dict):  # keyword inputs, e.g. a Hugging Face batch
+            model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
             model(*inputs)
         else:
             model(inputs)
@@ -137,3 +148,23 @@ def normalize_importance(importance: Sequence[float] | torch.Tensor) -> torch.Te
     if scale <= 1e-12 * max(1.0, imp.abs().max().item()):
         return torch.zeros_like(imp)
     return centered / scale
+
+
+def raw_axis_scores(param: torch.Tensor, dim: int, method: str, where: str) -> torch.Tensor:
+    """[param.shape[dim]] per-slice sums of the method's per-weight contribution (before any sqrt).
+
+    The building block for any unit that owns whole slices of several tensors (a conv channel: its
+    filter, its BatchNorm entries and the next conv's input slice); add the parts, then ``finish``.
+    """
+    e = _elementwise(param, method, where)
+    return e.sum(dim=[d for d in range(e.dim()) if d != dim % e.dim()]) if e.dim() > 1 else e
+
+
+def finish_scores(total: torch.Tensor, method: str) -> torch.Tensor:
+    """Turn summed raw contributions into scores (magnitude: the L2 norm of the unit's weights)."""
+    return _finish(total, method)
+
+
+def random_scores(n: int, seed: int) -> torch.Tensor:
+    """[n] seeded uniform scores, the random-pruning baseline."""
+    return _random(n, seed)

@@ -8,6 +8,7 @@ import torch
 from edgeprep.context import Context
 from edgeprep.errors import BadInputError
 from edgeprep.stages.finetune import FinetuneStage
+from edgeprep.stages.prune import PruneStage
 
 
 class Stage(Protocol):
@@ -16,7 +17,7 @@ class Stage(Protocol):
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module: ...
 
 
-STAGES: dict[str, type] = {"finetune": FinetuneStage}
+STAGES: dict[str, type] = {"finetune": FinetuneStage, "prune": PruneStage}
 
 
 def get_stage(config: Any) -> Stage:
