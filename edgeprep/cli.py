@@ -108,6 +108,40 @@ def finetune(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."
 
 
 @app.command()
+def prune(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
+          output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
+          ratio: float = typer.Option(..., "--ratio", help="Fraction of params (or MACs) to remove, e.g. 0.5."),
+          budget: str = typer.Option("params", help="What the ratio counts: params | macs."),
+          allocation: str = typer.Option("adaptive", help="Per-layer sparsity: adaptive | uniform | erk."),
+          schedule: str = typer.Option("incremental", help="incremental (prune/train stages) | one-shot."),
+          importance: str = typer.Option("taylor", help="Unit scores: taylor | magnitude | random."),
+          units: Optional[list[str]] = typer.Option(None, "--units", help="Repeat: heads, mlp, channels (default: all)."),
+          ratio_per_stage: float = typer.Option(0.05, help="Incremental: share removed per stage."),
+          steps: Optional[int] = typer.Option(None, help="Training steps in total, split over the stages."),
+          steps_per_stage: Optional[int] = typer.Option(None, help="Training steps after each stage (overrides --steps)."),
+          lr: Optional[float] = typer.Option(None, help="Peak learning rate of the recovery training."),
+          amplitude: float = typer.Option(0.02, help="Adaptive amplitude A (0 = uniform)."),
+          distill: bool = typer.Option(True, help="Distill from the unpruned model while training."),
+          seed: int = typer.Option(0, help="Seed."),
+          trust_pickle: bool = typer.Option(False, "--trust-pickle")) -> None:
+    """Prune heads / MLP neurons / conv channels physically (Adapt-Pruner), with recovery training."""
+    from edgeprep.recipe import PruneConfig, parse_stage_options
+    from edgeprep.single_stage import apply_stage
+
+    cfg = parse_stage_options(PruneConfig, {
+        "pruning_ratio": ratio, "budget": budget, "allocation": allocation, "schedule": schedule,
+        "importance": importance, "units": units or None, "ratio_per_stage": ratio_per_stage,
+        "steps_per_stage": steps_per_stage, "amplitude": amplitude,
+        "train": {k: v for k, v in {"steps": steps, "lr": lr}.items() if v is not None},
+        "distill": {} if distill else None}, where="edgeprep prune options")
+    if not distill:
+        cfg = cfg.model_copy(update={"distill": None})
+    entry = apply_stage(ckpt, output, cfg, seed=seed, trust_pickle=trust_pickle)
+    note = entry["notes"][-1] if entry["notes"] else ""
+    out.print(f"prune: {note}; {entry['metric']['name']} {entry['metric']['value']:.4f} -> {output}")
+
+
+@app.command()
 def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
            target: str = typer.Option(..., "--target", "-t", help="Export target, e.g. onnx."),
            output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),

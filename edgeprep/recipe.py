@@ -105,7 +105,8 @@ class PruneConfig(StageConfig):
     allocation: Literal["adaptive", "uniform", "erk"] = "adaptive"
     schedule: Literal["incremental", "one-shot"] = "incremental"
     ratio_per_stage: float = Field(0.05, gt=0, le=1)  # incremental: share of the original removed per stage
-    inner_steps: int = Field(10, ge=1)  # adaptive allocation steps per stage, each on a fresh batch
+    # allocation steps per stage, each on a fresh batch; None: steps of D = 0.02 mean sparsity (the paper's)
+    inner_steps: Optional[int] = Field(None, ge=1)
     importance: Literal["taylor", "magnitude", "random"] = "taylor"
     units: Optional[list[Literal["heads", "mlp", "channels"]]] = None  # None: all the model has
     amplitude: float = Field(0.02, ge=0)  # A in s_l <- clip(s_l + D - A * I^_l)
@@ -279,6 +280,14 @@ def parse_export_target(data: dict[str, Any], where: str) -> ExportTargetConfig:
     """Validate one export target given outside a recipe (CLI options), with the same messages."""
     try:
         return ExportTargetConfig.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_one_line(err, where)) from None
+
+
+def parse_stage_options(config_cls: type[StageConfig], data: dict[str, Any], where: str) -> StageConfig:
+    """Validate a stage config given outside a recipe (CLI options), with the recipe's one-line messages."""
+    try:
+        return config_cls.model_validate({k: v for k, v in data.items() if v is not None})
     except ValidationError as err:
         raise RecipeError(_one_line(err, where)) from None
 

@@ -1,9 +1,10 @@
-"""report.json (schema ``edgeprep.report/1``) and its human views: report.md, report.html, a plot.
+"""report.json (schema ``edgeprep.report/1``) and its human views: report.md, report.html, plots.
 
 The pipeline builds the report dict (DESIGN.md's schema plus added fields); this module writes it.
 Both views are rendered from one ``Document`` (titled tables of already-formatted strings), so the
 Markdown and the HTML always show the same numbers. Missing measurements (``null``) render as "—";
-``parity.sqnr_db: null`` means identical outputs and renders as "∞".
+``parity.sqnr_db: null`` means identical outputs and renders as "∞". Stages that pruned also get a
+"Pruning" section and a per-layer sparsity chart (``edgeprep.report_prune``).
 """
 from __future__ import annotations
 
@@ -40,12 +41,21 @@ class Table:
 
 
 @dataclass
+class Image:
+    relpath: str  # PNG path relative to the run directory: linked from report.md, inlined in report.html
+    alt: str
+
+
+@dataclass
 class Section:
     title: str
     table: Optional[Table] = None
     text: list[str] = field(default_factory=list)  # plain-text paragraphs (escaped by each renderer)
     plot: bool = False  # the metric-vs-latency plot goes here
     compact: bool = False  # a small field/value table: HTML puts neighbouring ones side by side
+    intro: list[str] = field(default_factory=list)  # paragraphs before the images and the table
+    images: list[Image] = field(default_factory=list)  # further plots, shown before the table
+    subsections: list["Section"] = field(default_factory=list)  # one heading level down, after the text
 
 
 @dataclass
@@ -110,6 +120,8 @@ _GATE_FORMAT = {
 
 # ----------------------------------------------------------------------------- document
 def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = None) -> Document:
+    from edgeprep.report_prune import prune_sections  # it imports this module's document model
+
     passed = report.get("passed")
     gates = [g for g in report.get("gates") or [] if isinstance(g, Mapping)]
     failed = [g for g in gates if not g.get("passed")]
@@ -128,6 +140,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
         _artifacts_section(arts),
         Section("Metric vs p50 latency", text=list(plot_notes or []), plot=True),
         _stages_section(report),
+        *prune_sections(report),  # none without a stage that pruned
         _model_section(report),
         _run_section(report),
         _latency_section(arts),
@@ -263,21 +276,32 @@ def _md_cell(s: str) -> str:
     return " ".join(s.replace("\\", "\\\\").replace("|", "\\|").split())
 
 
+def _md_section(sec: Section, level: int, plot_relpath: str) -> list[str]:
+    out = [f"{'#' * level} {_md_cell(sec.title)}", ""]
+    for p in sec.intro:
+        out += [_md_cell(p), ""]
+    if sec.plot:
+        out += [f"![metric vs p50 latency]({plot_relpath})", ""]
+    for im in sec.images:
+        out += [f"![{_md_cell(im.alt)}]({im.relpath})", ""]
+    if sec.table is not None and sec.table.rows:
+        t = sec.table
+        out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
+        out.append("|" + "|".join("---:" if num else "---" for num in t.numeric) + "|")
+        for row in t.rows:
+            out.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
+        out.append("")
+    for p in sec.text:
+        out += [_md_cell(p), ""]
+    for sub in sec.subsections:
+        out += _md_section(sub, level + 1, plot_relpath)
+    return out
+
+
 def render_markdown(doc: Document, plot_relpath: str = PLOT_RELPATH) -> str:
     out = [f"# {_md_cell(doc.title)}", "", f"**{_md_cell(doc.headline)}**", ""]
     for sec in doc.sections:
-        out += [f"## {_md_cell(sec.title)}", ""]
-        if sec.plot:
-            out += [f"![metric vs p50 latency]({plot_relpath})", ""]
-        if sec.table is not None and sec.table.rows:
-            t = sec.table
-            out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
-            out.append("|" + "|".join("---:" if num else "---" for num in t.numeric) + "|")
-            for row in t.rows:
-                out.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
-            out.append("")
-        for p in sec.text:
-            out += [_md_cell(p), ""]
+        out += _md_section(sec, 2, plot_relpath)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -363,11 +387,15 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_reports(run_dir: Path, report: Mapping[str, Any]) -> dict[str, Path]:
-    """Write report.json, report.md, report.html and plots/metric_vs_latency.png into ``run_dir``.
+    """Write report.json, report.md, report.html and plots/metric_vs_latency.png into ``run_dir``,
+    plus plots/prune_sparsity[_<stage index>].png for each stage that pruned.
 
     Every file is written atomically. report.json comes first: it is what CI reads, so it exists
-    even if rendering a view fails. Returns {"json", "md", "html", "plot"} -> path.
+    even if rendering a view fails. Returns {"json", "md", "html", "plot"} -> path, plus one
+    "prune_sparsity[_<i>]" (the chart's file stem) -> path per sparsity chart.
     """
+    from edgeprep.report_prune import sparsity_plots
+
     run_dir = Path(run_dir)
     paths = {"json": run_dir / "report.json", "md": run_dir / "report.md", "html": run_dir / "report.html",
              "plot": run_dir / PLOT_RELPATH}
@@ -375,7 +403,11 @@ def write_reports(run_dir: Path, report: Mapping[str, Any]) -> dict[str, Path]:
     write_json_atomic(paths["json"], safe)
     png, plot_notes = plot_metric_vs_latency(safe)
     write_bytes_atomic(paths["plot"], png)
+    images = sparsity_plots(safe)
+    for relpath, data in images.items():
+        paths[Path(relpath).stem] = run_dir / relpath
+        write_bytes_atomic(run_dir / relpath, data)
     doc = build_document(safe, plot_notes)
     write_text_atomic(paths["md"], render_markdown(doc))
-    write_text_atomic(paths["html"], report_html.render_html(doc, png))
+    write_text_atomic(paths["html"], report_html.render_html(doc, png, images))
     return paths

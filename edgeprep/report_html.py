@@ -1,4 +1,4 @@
-"""report.html: one self-contained file (inline CSS, the plot as a base64 PNG, no script, no URL).
+"""report.html: one self-contained file (inline CSS, plots as base64 PNGs, no script, no URL).
 
 A report gets mailed, attached to CI runs and opened offline, so it must not load anything. Every
 string from the report is passed through ``html.escape``: names, notes and paths come from user
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 if TYPE_CHECKING:  # report.py imports this module; only the types are needed here
     from edgeprep.report import Document, Section, Table
@@ -20,6 +20,7 @@ body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, 
        margin: 0 auto; padding: 24px 28px 48px; max-width: 1240px; font-size: 14px; line-height: 1.45; }
 h1 { font-size: 22px; margin: 0 0 12px; }
 h2 { font-size: 16px; margin: 28px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 14px; margin: 18px 0 6px; }
 .banner { padding: 10px 14px; border-radius: 6px; font-weight: 600; border: 1px solid; }
 .banner.pass { color: var(--pass); background: var(--pass-bg); border-color: #6ee7b7; }
 .banner.fail { color: var(--fail); background: var(--fail-bg); border-color: #fca5a5; }
@@ -70,33 +71,41 @@ def _table(t: "Table") -> str:
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
-def _section(sec: "Section", plot_png: Optional[bytes]) -> str:
-    parts = [f"<h2>{_e(sec.title)}</h2>"]
+def _img(png: bytes, alt: str) -> str:
+    b64 = base64.b64encode(png).decode("ascii")
+    return f'<img class="plot" alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _section(sec: "Section", plot_png: Optional[bytes], images: Mapping[str, bytes], level: int = 2) -> str:
+    parts = [f"<h{level}>{_e(sec.title)}</h{level}>"]
+    parts += [f"<p>{_e(p)}</p>" for p in sec.intro]
     if sec.plot:
-        if plot_png:
-            b64 = base64.b64encode(plot_png).decode("ascii")
-            parts.append(f'<img class="plot" alt="metric vs p50 latency per artifact" '
-                         f'src="data:image/png;base64,{b64}">')
-        else:
-            parts.append('<p class="note">No plot.</p>')
+        parts.append(_img(plot_png, "metric vs p50 latency per artifact") if plot_png
+                     else '<p class="note">No plot.</p>')
+    for im in sec.images:
+        png = images.get(im.relpath)
+        parts.append(_img(png, im.alt) if png else f'<p class="note">No plot ({_e(im.relpath)}).</p>')
     if sec.table is not None and sec.table.rows:
         parts.append(_table(sec.table))
     parts += [f'<p class="note">{_e(p)}</p>' for p in sec.text]
+    parts += [_section(sub, plot_png, images, min(level + 1, 6)) for sub in sec.subsections]
     return "\n".join(parts)
 
 
-def render_html(doc: "Document", plot_png: Optional[bytes]) -> str:
+def render_html(doc: "Document", plot_png: Optional[bytes], images: Optional[Mapping[str, bytes]] = None) -> str:
+    """``images``: relative path -> PNG bytes for the sections' ``images`` (inlined, not linked)."""
+    images = images or {}
     status = {True: "pass", False: "fail"}.get(doc.passed, "unknown")
     parts: list[str] = []
     group: list[str] = []  # consecutive compact sections share one flex row
     for s in doc.sections:
         if s.compact:
-            group.append(f"<div>{_section(s, plot_png)}</div>")
+            group.append(f"<div>{_section(s, plot_png, images)}</div>")
             continue
         if group:
             parts.append(f'<div class="row">{"".join(group)}</div>')
             group = []
-        parts.append(_section(s, plot_png))
+        parts.append(_section(s, plot_png, images))
     if group:
         parts.append(f'<div class="row">{"".join(group)}</div>')
     sections = "\n".join(parts)

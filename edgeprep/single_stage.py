@@ -60,7 +60,7 @@ def apply_stage(ckpt_dir: Path, out_dir: Path, config: Any, seed: int = 0,
     name, fn = metric_for(data.task)
     entry = {"kind": config.kind, "seconds": round(time.perf_counter() - t0, 3),
              "metric": {"name": name, "value": fn(torch_outputs(model, data.test.x), data.test.y.numpy())},
-             "notes": ctx.report.notes}
+             "notes": ctx.report.notes, "details": ctx.report.metrics}
     base_dir = read_checkpoint_json(resolve_checkpoint_dir(ckpt_dir)).get("base_dir")  # where a local factory module lives
     save_checkpoint(Path(out_dir), model, ckpt.model_cfg, ctx.decisions, {**ckpt.meta, "last_stage": entry},
                     base_dir=Path(base_dir) if base_dir else None)

@@ -186,3 +186,129 @@ def test_json_safe_makes_plain_strict_json(tmp_path, sample):
     assert a["parity"]["sqnr_db"] is None and a["metric"]["value"] == 0.5 and a["bytes"] == 7
     assert a["latency_ms"]["ci95_p50"] == [1.0, None]
     assert json_safe({"k": (np.float64(1.5),)}) == {"k": [1.5]}
+
+
+# ----------------------------------------------------------------------------- pruning
+def prune_entry() -> dict:
+    """A prune stage entry as edgeprep.stages.prune writes it (a 3-block ViT, 40% of params removed)."""
+    layers = [("blocks.0", "heads", "blocks.0.attn", 4, 4), ("blocks.0", "mlp", "blocks.0.mlp", 128, 99),
+              ("blocks.1", "heads", "blocks.1.attn", 4, 2), ("blocks.1", "mlp", "blocks.1.mlp", 128, 1),
+              ("blocks.2", "heads", "blocks.2.attn", 4, 3), ("blocks.2", "mlp", "blocks.2.mlp", 128, 96)]
+    return {
+        "kind": "prune", "seconds": 6.5, "params": 61_580, "macs": 1_057_920,
+        "metric": {"name": "accuracy", "value": 0.9704}, "notes": ["pruned 40% of params"],
+        "details": {"pruning": {
+            "settings": {"ratio": 0.4, "budget": "params", "allocation": "adaptive", "schedule": "incremental",
+                         "stages": 2, "inner_steps": 10, "importance": "taylor", "amplitude": 0.02,
+                         "train_steps_per_stage": 25, "distill": True},
+            "params_before": 102_666, "params_after": 61_580, "macs_before": 1_786_880, "macs_after": 1_057_920,
+            "removed": {"params": 0.4001909103305865, "macs": 0.40795128939828085},
+            "layers": [{"block": b, "unit": u, "module": m, "original": o, "kept": k,
+                        "sparsity": round(1 - k / o, 6), "unit_cost": 4144.0 if u == "heads" else 129.0}
+                       for b, u, m, o, k in layers],
+            "history": [
+                {"stage": 1, "of": 2, "target_removed": 0.2, "removed": 0.179991, "block_sparsity": [0.0, 0.56, 0.0],
+                 "params": 84_187, "train_loss": 0.220428, "val_accuracy": 0.914815},
+                {"stage": 2, "of": 2, "target_removed": 0.4, "removed": 0.400191,
+                 "block_sparsity": [0.11, 0.87, 0.26], "params": 61_580, "train_loss": 0.085349,
+                 "val_accuracy": 0.944444},
+            ]}},
+    }
+
+
+def png_size(path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+def test_pruning_section_in_markdown(tmp_path, sample):
+    sample["stages"].append(prune_entry())
+    paths = write_reports(tmp_path, sample)
+    md = paths["md"].read_text()
+    section = md.split("## Pruning\n", 1)[1].split("\n## ", 1)[0]
+    assert "ratio 40.0% of params, allocation adaptive, schedule incremental, stages 2" in section
+    assert "distill yes" in section
+    assert "| params | 102,666 | 61,580 | 40.0% |" in section
+    assert "| MACs | 1,786,880 | 1,057,920 | 40.8% |" in section
+    assert "| blocks.0.attn | heads | 4 | 4 | 0.0% |" in section
+    assert "| blocks.1.attn | heads | 4 | 2 | 50.0% |" in section
+    assert "| blocks.1.mlp | mlp | 128 | 1 | 99.2% |" in section
+    assert "| blocks.2.mlp | mlp | 128 | 96 | 25.0% |" in section
+    assert "| pruning stage | target removed | removed | params | train loss | val accuracy |" in section
+    assert "| 1/2 | 20.0% | 18.0% | 84,187 | 0.2204 | 0.9148 |" in section
+    assert "| 2/2 | 40.0% | 40.0% | 61,580 | 0.0853 | 0.9444 |" in section
+    assert "![per-layer sparsity](plots/prune_sparsity.png)" in section
+    # After the Stages table, before the model details; the stage itself is still listed.
+    assert md.index("## Stages") < md.index("## Pruning") < md.index("## Model and baseline")
+    assert "| 1 | prune | 6.5 | 61,580 | 1,057,920 | accuracy 0.9704 |" in md
+
+
+def test_pruning_chart_is_a_png_embedded_in_html(tmp_path, sample):
+    sample["stages"].append(prune_entry())
+    paths = write_reports(tmp_path, sample)
+    chart = tmp_path / "plots" / "prune_sparsity.png"
+    assert paths["prune_sparsity"] == chart
+    data = chart.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+    width, height = png_size(chart)
+    assert width >= 600 and height >= 400
+    html = paths["html"].read_text()
+    p = Rows()
+    p.feed(html)
+    assert "http" not in html.lower()
+    assert len(p.urls) == 2 and all(u.startswith("data:image/png;base64,") for u in p.urls)
+    assert base64.b64decode(p.urls[1].split(",", 1)[1]) == data
+    assert '<img class="plot" alt="per-layer sparsity"' in html
+    assert "<h2>Pruning</h2>" in html and "<h3>Per-layer sparsity</h3>" in html
+    assert ["blocks.1.attn", "heads", "4", "2", "50.0%"] in [cells for _, cells in p.rows]
+    assert ["params", "102,666", "61,580", "40.0%"] in [cells for _, cells in p.rows]
+    assert ["2/2", "40.0%", "40.0%", "61,580", "0.0853", "0.9444"] in [cells for _, cells in p.rows]
+
+
+def test_several_prune_stages_get_one_chart_each(tmp_path, sample):
+    second = prune_entry()
+    second["details"]["pruning"]["history"] = [{"stage": 1, "of": 1, "target_removed": 0.1, "removed": 0.1,
+                                                "params": 55_000}]  # no training: no loss/accuracy columns
+    sample["stages"] += [prune_entry(), second]
+    paths = write_reports(tmp_path, sample)
+    md = paths["md"].read_text()
+    assert "## Pruning (stage #1)" in md and "## Pruning (stage #2)" in md
+    assert "![per-layer sparsity](plots/prune_sparsity_1.png)" in md
+    assert "![per-layer sparsity](plots/prune_sparsity_2.png)" in md
+    assert "| 1/1 | 10.0% | 10.0% | 55,000 |" in md
+    for i in (1, 2):
+        assert paths[f"prune_sparsity_{i}"].read_bytes()[:8] == PNG_SIGNATURE
+    assert not (tmp_path / "plots" / "prune_sparsity.png").exists()
+    assert len(re.findall(r"<img ", paths["html"].read_text())) == 3
+
+
+def test_no_pruning_section_without_pruning_details(tmp_path, sample):
+    md = write_reports(tmp_path / "plain", sample)["md"].read_text()
+    assert "Pruning" not in md and "prune_sparsity" not in md
+    assert not (tmp_path / "plain" / "plots" / "prune_sparsity.png").exists()
+    # An old report.json: a prune stage without "details" still renders, with no Pruning section.
+    old = prune_entry()
+    del old["details"]
+    sample["stages"].append(old)
+    paths = write_reports(tmp_path / "old", sample)
+    md, html = paths["md"].read_text(), paths["html"].read_text()
+    assert "| 1 | prune |" in md and "## Pruning" not in md and "Pruning</h2>" not in html
+    assert sorted(paths) == ["html", "json", "md", "plot"]
+    assert html.count("<img ") == 1
+
+
+def test_pruning_details_with_missing_fields_render(tmp_path, sample):
+    entry = prune_entry()
+    entry["details"]["pruning"] = {"params_before": 1000, "params_after": 750, "layers": [None, {"unit": "mlp"}]}
+    sample["stages"].append(entry)
+    paths = write_reports(tmp_path, sample)
+    md = paths["md"].read_text()
+    assert "| params | 1,000 | 750 | 25.0% |" in md  # removed share derived from before/after
+    assert "| MACs | — | — | — |" in md
+    assert "settings: not recorded." in md and "No pruning history was recorded." in md
+    assert paths["prune_sparsity"].read_bytes()[:8] == PNG_SIGNATURE

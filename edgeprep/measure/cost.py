@@ -29,9 +29,24 @@ def count_macs(model: torch.nn.Module, example_inputs: Sequence[Any]) -> int:
     was_training = model.training
     model.eval()  # train-mode BatchNorm would update its running statistics
     try:
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
         with torch.no_grad(), counter:
             model(*inputs)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops() // 2)
+
+
+def _extra_flop_formulas() -> dict:
+    """Formulas torch's counter lacks. The CPU flash-attention kernel (what F.scaled_dot_product_attention,
+    e.g. transformers' default "sdpa" attention, runs on CPU) otherwise counts 0, and a MACs budget
+    would miss every attention matmul of such a model."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+
+    def cpu_flash(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+    return {op: cpu_flash}

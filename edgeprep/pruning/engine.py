@@ -16,6 +16,7 @@ same loop prunes our ViT and CNN on images and a Hugging Face BERT on token ids.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Protocol
 
@@ -35,6 +36,7 @@ from edgeprep.pruning.groups import UnitGroup, block_io, find_groups, ops, probe
 from edgeprep.pruning.importance import layer_importance, normalize_importance
 
 Budget = Literal["params", "macs"]
+STEP_SPARSITY = 0.02  # the paper's D: mean sparsity added per allocation step
 
 
 class Calibration(Protocol):
@@ -54,7 +56,9 @@ class PruneSettings:
     allocation: Literal["adaptive", "uniform", "erk"] = "adaptive"
     schedule: Literal["incremental", "one-shot"] = "incremental"
     ratio_per_stage: float = 0.05  # incremental: each stage removes about this share of the original
-    inner_steps: int = 10  # adaptive steps per stage, each with a fresh calibration batch
+    # Allocation steps per stage, each on a fresh calibration batch. None: as many as make the mean
+    # step D = STEP_SPARSITY (Adapt-Pruner's D = 0.02 = A), which bounds how far A can spread layers.
+    inner_steps: Optional[int] = None
     importance: Literal["taylor", "magnitude", "random"] = "taylor"
     amplitude: float = 0.02  # A
     units: Optional[tuple[str, ...]] = None  # None: every unit kind the model has
@@ -77,6 +81,7 @@ class PruneOutcome:
     cost_after_planned: float  # what the plan removed, in budget units (params or MACs)
     layers: list[dict[str, Any]]  # per group: block, unit, original, kept, sparsity
     history: list[dict[str, Any]] = field(default_factory=list)  # per pruning stage
+    inner_steps: int = 0  # allocation steps per stage actually used
 
 
 def model_cost(model: nn.Module, budget: Budget, run_macs: Callable[[nn.Module], int]) -> int:
@@ -121,7 +126,10 @@ def prune_model(model: nn.Module, settings: PruneSettings, calib: Calibration,
     erk_shapes = [(g.original * w, max(1, round(c / w))) for g, c, w in zip(groups, unit_cost, widths)]
 
     s_block = torch.zeros(len(blocks), dtype=torch.float64)
-    k_stages, j_steps = settings.num_stages, max(1, settings.inner_steps)
+    k_stages = settings.num_stages
+    # Mean sparsity (over the prunable cost) each stage adds, cut into steps of about D each.
+    stage_sigma = goal / k_stages / prunable
+    j_steps = settings.inner_steps or max(1, math.ceil(stage_sigma / STEP_SPARSITY - 1e-9))
     batch_index = 1
     history: list[dict[str, Any]] = []
     for k in range(1, k_stages + 1):
@@ -167,7 +175,8 @@ def prune_model(model: nn.Module, settings: PruneSettings, calib: Calibration,
                "unit_cost": unit_cost[i]} for i, g in enumerate(groups)]
     removed_cost = sum((g.original - len(g.alive)) * c for g, c in zip(groups, unit_cost))
     return PruneOutcome(decisions=decisions, groups=groups, cost_before=total,
-                        cost_after_planned=total - removed_cost, layers=layers, history=history)
+                        cost_after_planned=total - removed_cost, layers=layers, history=history,
+                        inner_steps=j_steps)
 
 
 def _dispatch_io(io_pairs: dict[str, Any], model: nn.Module, blocks: list[str]):
@@ -236,8 +245,9 @@ def _decision_for(g: UnitGroup) -> dict[str, Any]:
     return d
 
 
-def describe(settings: PruneSettings) -> str:
+def describe(settings: PruneSettings, inner_steps: Optional[int] = None) -> str:
     k = settings.num_stages
-    return (f"{settings.schedule} ({k} stage{'s' if k != 1 else ''} x {settings.inner_steps} steps), "
+    steps = inner_steps or settings.inner_steps or "auto"
+    return (f"{settings.schedule} ({k} stage{'s' if k != 1 else ''} x {steps} steps), "
             f"{settings.allocation} allocation (A={settings.amplitude}), {settings.importance} importance, "
             f"{settings.ratio:.0%} of {settings.budget}")

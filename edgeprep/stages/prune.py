@@ -107,7 +107,7 @@ class PruneStage:
         params_after, macs_after = count_params(model), count_macs(model, example)
         ctx.report.metrics["pruning"] = {
             "settings": {"ratio": settings.ratio, "budget": settings.budget, "allocation": settings.allocation,
-                         "schedule": settings.schedule, "stages": k_stages, "inner_steps": settings.inner_steps,
+                         "schedule": settings.schedule, "stages": k_stages, "inner_steps": outcome.inner_steps,
                          "importance": settings.importance, "amplitude": settings.amplitude,
                          "train_steps_per_stage": per_stage, "distill": cfg.distill is not None},
             "params_before": params_before, "params_after": params_after,
@@ -116,7 +116,7 @@ class PruneStage:
             "layers": outcome.layers,
             "history": outcome.history,
         }
-        ctx.report.note(f"pruned {describe(settings)}: params {params_before:,} -> {params_after:,} "
+        ctx.report.note(f"pruned {describe(settings, outcome.inner_steps)}: params {params_before:,} -> {params_after:,} "
                         f"(-{1 - params_after / params_before:.1%}), MACs {macs_before:,} -> {macs_after:,} "
                         f"(-{1 - macs_after / macs_before:.1%})")
         return model
