@@ -1,5 +1,5 @@
 """Quickstart acceptance numbers: wall time of `edgeprep run quickstart` (after install), baseline
-accuracy, fp32 ORT parity. Writes benchmarks/results/quickstart.md.
+accuracy, the pruned artifact's accuracy, size and ORT parity. Writes benchmarks/results/quickstart.md.
 
 Usage: .venv/bin/python benchmarks/quickstart.py [--repeats 1]
 """
@@ -33,10 +33,14 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr)
             report = json.loads(Path(f"{tmp}/run/report.json").read_text())
-        onnx = next(a for a in report["artifacts"] if a["name"] == "onnx")
-        rows.append((i + 1, wall_s, report["stages"][0]["seconds"], report["baseline"]["metric"]["value"],
-                     onnx["metric"]["value"], onnx["parity"]["sqnr_db"], onnx["parity"]["max_abs"],
-                     onnx["latency_ms"]["p50"]))
+        arts = {a["name"]: a for a in report["artifacts"]}
+        onnx, base = arts["onnx"], arts.get("onnx-baseline", arts["onnx"])
+        stage_s = {s["kind"]: s["seconds"] for s in report["stages"]}
+        rows.append((i + 1, wall_s, stage_s.get("finetune", 0.0), stage_s.get("prune", 0.0),
+                     report["baseline"]["metric"]["value"], base["metric"]["value"], onnx["metric"]["value"],
+                     report["baseline"]["params"], report["model"]["params"], onnx["parity"]["sqnr_db"],
+                     onnx["parity"]["max_abs"], base["latency_ms"]["p50"], onnx["latency_ms"]["p50"],
+                     onnx.get("speedup")))
     load = os.getloadavg()[0]
     lines = [
         "# Quickstart (`edgeprep run quickstart`)",
@@ -45,12 +49,16 @@ def main() -> None:
         f"Date: {datetime.now(timezone.utc).date()}; machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; 1-min load average after: {load:.2f}",
         "",
-        "| run | wall s (whole CLI call) | training s | baseline test acc (PyTorch) | ONNX acc (ORT) | SQNR dB | max abs | ORT p50 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | wall s (whole CLI call) | finetune s | prune s | baseline acc (PyTorch) | baseline ONNX acc (ORT) "
+        "| pruned ONNX acc (ORT) | params before -> after | pruned SQNR dB | pruned max abs | baseline / pruned ORT p50 ms "
+        "| speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        sq = "identical" if r[5] is None else f"{r[5]:.1f}"
-        lines.append(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.4f} | {r[4]:.4f} | {sq} | {r[6]:.2e} | {r[7]:.3f} |")
+        sq = "identical" if r[9] is None else f"{r[9]:.1f}"
+        speed = "-" if r[13] is None else f"{r[13]:.2f}x"
+        lines.append(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.4f} | {r[5]:.4f} | {r[6]:.4f} "
+                     f"| {r[7]:,} -> {r[8]:,} | {sq} | {r[10]:.2e} | {r[11]:.3f} / {r[12]:.3f} | {speed} |")
     text = "\n".join(lines) + "\n"
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "quickstart.md").write_text(text)
