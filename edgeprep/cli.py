@@ -133,7 +133,7 @@ def prune(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
         "importance": importance, "units": units or None, "ratio_per_stage": ratio_per_stage,
         "steps_per_stage": steps_per_stage, "amplitude": amplitude,
         "train": {k: v for k, v in {"steps": steps, "lr": lr}.items() if v is not None},
-        "distill": {} if distill else None}, where="edgeprep prune options")
+        "distill": {} if distill else None}, where="edgeprep prune")
     if not distill:
         cfg = cfg.model_copy(update={"distill": None})
     entry = apply_stage(ckpt, output, cfg, seed=seed, trust_pickle=trust_pickle)

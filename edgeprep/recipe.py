@@ -289,7 +289,7 @@ def parse_stage_options(config_cls: type[StageConfig], data: dict[str, Any], whe
     try:
         return config_cls.model_validate({k: v for k, v in data.items() if v is not None})
     except ValidationError as err:
-        raise RecipeError(_one_line(err, where)) from None
+        raise RecipeError(_one_line(err, where).replace(": invalid recipe", ": invalid option", 1)) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -138,7 +138,7 @@ def test_prune_recipe_validation():
     assert (st.allocation, st.schedule, st.importance, st.budget, st.amplitude) == \
         ("adaptive", "incremental", "taylor", "params", 0.02)
     assert st.distill is not None  # distillation from the unpruned model is on by default
-    for stage, where in [({"kind": "prune", "pruning_rate": 0.5}, "stages.0.pruning_rate"),
+    for stage, where in [({"kind": "prune", "pruning_ratio": 0.5, "pruning_rate": 0.5}, "stages.0.pruning_rate"),
                          ({"kind": "prune", "pruning_ratio": 1.0}, "stages.0.pruning_ratio"),
                          ({"kind": "prune", "pruning_ratio": 0.5, "units": []}, "stages.0.units"),
                          ({"kind": "prune", "pruning_ratio": 0.5, "units": ["heads", "heads"]}, "stages.0.units"),
