@@ -44,6 +44,7 @@ from edgeprep.pipeline import frozen_copy
 from edgeprep.recipe import DataConfig, ModelConfig, PruneConfig, TrainConfig
 from edgeprep.stages.prune import PruneStage
 from edgeprep.train import evaluate_accuracy, train
+from ptq_table import cpu_name  # a sibling script: benchmarks/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_table.md"
 VARIANTS = {
@@ -52,16 +53,6 @@ VARIANTS = {
     "random": dict(schedule="incremental", allocation="erk", importance="random"),
     "one-shot": dict(schedule="one-shot", allocation="adaptive", importance="taylor"),
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

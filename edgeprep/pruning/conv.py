@@ -16,6 +16,7 @@ from torch import nn
 
 from edgeprep.errors import BadInputError
 from edgeprep.pruning.importance import finish_scores, random_scores, raw_axis_scores
+from edgeprep.pruning.surgery import fill_like
 
 CHANNELS_KIND = "conv_channels"
 
@@ -62,15 +63,7 @@ def _sliced_conv(old: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: to
     new = nn.Conv2d(w.shape[1], w.shape[0], old.kernel_size, stride=old.stride, padding=old.padding,
                     dilation=old.dilation, groups=1, bias=b is not None, padding_mode=old.padding_mode,
                     device=w.device, dtype=w.dtype)
-    with torch.no_grad():
-        new.weight.copy_(w)
-        if b is not None:
-            new.bias.copy_(b)
-    new.weight.requires_grad_(old.weight.requires_grad)
-    if b is not None:
-        new.bias.requires_grad_(old.bias.requires_grad)
-    new.train(old.training)
-    return new
+    return fill_like(new, old, w, b)
 
 
 def _sliced_bn(old: nn.BatchNorm2d, idx: torch.Tensor) -> nn.BatchNorm2d:

@@ -74,6 +74,11 @@ def _sliced_linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch
     if cols is not None:
         w = w.index_select(1, cols.to(w.device))
     new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    return fill_like(new, old, w, b)
+
+
+def fill_like(new: nn.Module, old: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    """Copy sliced weight/bias into ``new`` and carry over ``old``'s requires_grad and train mode."""
     with torch.no_grad():
         new.weight.copy_(w)
         if b is not None:
