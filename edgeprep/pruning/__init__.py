@@ -1,5 +1,11 @@
-"""Structural pruning primitives (Adapt-Pruner groundwork): unit/layer importance, per-layer
-sparsity allocation, and physical head/neuron removal recorded as replayable decisions.
+"""Structural pruning (Adapt-Pruner): unit/layer importance, per-layer sparsity allocation and
+budget planning, physical removal recorded as replayable decisions, and the prune loop.
+
+  importance.py  Taylor / magnitude / random unit scores; layer importance -mean cos(in, out)
+  allocation.py  adaptive / uniform / ERK sparsity, exact budget planning (plan_removals)
+  surgery.py     ViT heads and MLP neurons;  bert.py  HF BERT-style layers;  conv.py  CNN channels
+  groups.py      which units a model has (found by structure) and what each costs
+  engine.py      the incremental prune -> train loop (prune_model)
 
 The decision kinds are listed in ``edgeprep.checkpoint.DECISION_REPLAYERS``, so a pruned checkpoint
 rebuilds its smaller modules before the weights are loaded.
