@@ -1,0 +1,1 @@
+"""Quantization-aware training (issue 4). So far: the fake-quantization primitives in ``fake``."""
