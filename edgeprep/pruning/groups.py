@@ -23,7 +23,7 @@ from torch import nn
 
 from edgeprep.errors import BadInputError
 from edgeprep.pruning import bert, conv, surgery
-from edgeprep.pruning.importance import head_scores, neuron_scores
+from edgeprep.pruning.importance import head_scores, neuron_scores, run_hooked_eval
 
 UNIT_KINDS = ("heads", "mlp", "channels")
 
@@ -211,14 +211,7 @@ def probe_positions(model: nn.Module, groups: list[UnitGroup], run: Callable[[nn
                 lambda _m, args, kwargs, _out, key=key: seen.__setitem__(
                     key, (args[0] if args else next(iter(kwargs.values()))).shape[1]),
                 with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        run(model)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    run_hooked_eval(model, handles, run)
     for g in groups:
         if g.family == "conv":
             g.positions = (seen[f"{g.block}.{g.names[0]}"], seen[f"{g.block}.{g.names[2]}"])

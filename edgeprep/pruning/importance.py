@@ -120,23 +120,33 @@ def layer_importance(model: nn.Module, inputs: Sequence[torch.Tensor] | torch.Te
         return hook
 
     handles = [model.get_submodule(p).register_forward_hook(hook_for(p), with_kwargs=True) for p in paths]
-    was_training = model.training
-    model.eval()
-    try:
-        if isinstance(inputs, dict):  # keyword inputs, e.g. a Hugging Face batch
-            model(**inputs)
-        elif isinstance(inputs, (tuple, list)):
-            model(*inputs)
-        else:
-            model(inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    run_hooked_eval(model, handles, lambda m: call_with(m, inputs))
     missing = [p for p in paths if p not in seen]
     if missing:
         raise BadInputError(f"layer_importance: blocks {missing} did not run in the forward pass")
     return torch.stack([seen[p] for p in paths])
+
+
+def call_with(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(inputs, dict):  # keyword inputs, e.g. a Hugging Face batch
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def run_hooked_eval(model: nn.Module, handles: Sequence[Any], run: Callable[[nn.Module], Any]) -> None:
+    """``run(model)`` once in eval mode (BatchNorm statistics and dropout untouched), then restore the
+    train/eval mode and remove ``handles`` (the forward hooks that recorded what the caller wanted)."""
+    was_training = model.training
+    model.eval()
+    try:
+        run(model)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
 
 
 def normalize_importance(importance: Sequence[float] | torch.Tensor) -> torch.Tensor:
