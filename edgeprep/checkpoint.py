@@ -32,6 +32,7 @@ from edgeprep.pruning.bert import BERT_HEADS_KIND, BERT_MLP_KIND, apply_bert_dec
 from edgeprep.pruning.conv import CHANNELS_KIND, apply_channels_decision
 from edgeprep.pruning.surgery import HEADS_KIND, MLP_KIND
 from edgeprep.pruning.surgery import apply_decision as apply_pruning_decision
+from edgeprep.quant.convert import QAT_KIND, replay_qat
 from edgeprep.recipe import ModelConfig
 
 SCHEMA = "edgeprep.checkpoint/1"
@@ -46,6 +47,7 @@ DECISION_REPLAYERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {
     BERT_HEADS_KIND: apply_bert_decision,  # attention heads removed from a BERT-style layer
     BERT_MLP_KIND: apply_bert_decision,  # intermediate neurons removed from a BERT-style layer
     CHANNELS_KIND: apply_channels_decision,  # internal channels removed from a residual CNN block
+    QAT_KIND: replay_qat,  # Linears -> QuantLinear, attention -> quantized / tapped attention
 }
 
 

@@ -142,6 +142,31 @@ def prune(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
 
 
 @app.command()
+def qat(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
+        output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
+        weights: str = typer.Option("int8", help="Weight precision: int8 | int4 | ternary."),
+        activations: str = typer.Option("int8", help="Activation precision: int8 | none."),
+        intervention: str = typer.Option("gradual", help="Teacher Intervention: none | m | c | o | gradual."),
+        intervention_steps: Optional[int] = typer.Option(None, help="Steps with intervention (default: 10%)."),
+        steps: int = typer.Option(300, help="Training steps in total."),
+        lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+        label_loss: float = typer.Option(0.0, help="Weight of the ground-truth loss (0: distillation only)."),
+        seed: int = typer.Option(0, help="Seed."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle")) -> None:
+    """Quantization-aware training with Teacher Intervention, distilled from the checkpoint's model."""
+    from edgeprep.recipe import QatConfig, parse_stage_options
+    from edgeprep.single_stage import apply_stage
+
+    cfg = parse_stage_options(QatConfig, {
+        "weights": weights, "activations": activations, "intervention": intervention,
+        "intervention_steps": intervention_steps, "steps": steps, "label_loss": label_loss,
+        "train": {"lr": lr} if lr is not None else {}}, where="edgeprep qat")
+    entry = apply_stage(ckpt, output, cfg, seed=seed, trust_pickle=trust_pickle)
+    note = entry["notes"][-1] if entry["notes"] else ""
+    out.print(f"qat: {note}; {entry['metric']['name']} {entry['metric']['value']:.4f} -> {output}")
+
+
+@app.command()
 def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
            target: str = typer.Option(..., "--target", "-t", help="Export target, e.g. onnx."),
            output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),

@@ -124,13 +124,45 @@ class PruneConfig(StageConfig):
         return v
 
 
+class QatLossWeights(Strict):
+    """Weights of the distillation terms (the paper weighs all four 1)."""
+
+    logits: float = Field(1.0, ge=0)  # soft cross-entropy on logits
+    scores: float = Field(1.0, ge=0)  # MSE on attention scores, summed over layers
+    hidden: float = Field(1.0, ge=0)  # MSE on hidden states (embeddings + every block output)
+    attn_out: float = Field(1.0, ge=0)  # MSE on attention outputs (before residual + norm)
+
+
+class QatConfig(StageConfig):
+    """Quantization-aware training with Teacher Intervention, distilled from the stage's input model."""
+
+    kind: Literal["qat"] = "qat"
+    weights: Literal["int8", "int4", "ternary"] = "int8"
+    activations: Literal["int8", "none"] = "int8"  # Linear inputs, Q, K, V and attention probabilities
+    intervention: Literal["none", "m", "c", "o", "gradual"] = "gradual"
+    # s: optimizer steps of step 1 (with intervention); None: 10% of the steps
+    intervention_steps: Optional[int] = Field(None, ge=0)
+    steps: Optional[int] = Field(None, ge=1)  # shorthand for train.steps
+    loss_weights: QatLossWeights = Field(default_factory=QatLossWeights)
+    label_loss: float = Field(0.0, ge=0)  # weight of ground-truth cross-entropy; 0: none (the paper)
+    train: TrainOverrides = Field(default_factory=TrainOverrides)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "QatConfig":
+        if self.steps is not None and self.train.steps is not None and self.steps != self.train.steps:
+            raise ValueError(f"steps ({self.steps}) and train.steps ({self.train.steps}) disagree; set one")
+        if self.intervention_steps and self.intervention == "none":
+            raise ValueError("intervention_steps is set but intervention is none; set intervention: gradual|m|c|o")
+        return self
+
+
 # Stage kinds in the order they may appear. ``finetune`` may go anywhere; every other kind must
 # come after all kinds of a lower rank (e.g. prune before reparam before qat/binarize), and the
 # low-precision kinds are mutually exclusive. Later issues add their kinds here.
 STAGE_RANK: dict[str, int] = {"prune": 1, "reparam": 2, "qat": 3, "binarize": 3}
 EXCLUSIVE_KINDS: tuple[frozenset[str], ...] = (frozenset({"qat", "binarize"}),)
 
-STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig, PruneConfig)
+STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig, PruneConfig, QatConfig)
 STAGE_KINDS: tuple[str, ...] = tuple(c.model_fields["kind"].default for c in STAGE_CONFIGS)
 StageUnion = Annotated[Union[STAGE_CONFIGS], Field(discriminator="kind")]
 

@@ -248,13 +248,15 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
           eval_fn: Optional[Callable[[nn.Module], Mapping[str, float]]] = None,
           progress: bool = True, description: str = "train",
           last_good_path: Optional[Path] = None,
-          lr_fn: Optional[Callable[[int], float]] = None) -> TrainResult:
+          lr_fn: Optional[Callable[[int], float]] = None, label_weight: float = 1.0) -> TrainResult:
     """Train ``model`` in place on ``split`` (x float [N, ...], y int64 [N]) and return what happened.
 
     ``distill`` mixes ``alpha * KD + (1 - alpha) * CE`` against ``teacher`` (run in eval mode under
     no_grad). ``step_callbacks`` run after each optimizer step with (0-based step, model);
     ``eval_fn`` runs every ``cfg.eval_every`` steps (eval mode, no_grad) and lands in the history.
     ``lr_fn(step)`` replaces the warmup + cosine schedule (a stage spanning several calls uses it).
+    ``label_weight`` scales the ground-truth cross-entropy (0 leaves it out: pure distillation
+    through ``loss_hooks``, as QAT with Teacher Intervention trains).
     Raises TrainingDivergedError, with the last good weights restored into ``model`` (and written
     to ``last_good_path`` by rank 0), when a loss term or the gradient norm is not finite.
     """
@@ -312,7 +314,7 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
                             with torch.no_grad():
                                 teacher_out = logits_of(teacher(x))
                         state = StepState(step, cfg.steps, micro_step, lr, x, y, out, teacher_out, model, teacher)
-                        terms, weights = _loss_terms(state, distill, loss_hooks, cfg.batch_size)
+                        terms, weights = _loss_terms(state, distill, loss_hooks, cfg.batch_size, label_weight)
                         loss = sum(weights[k] * v for k, v in terms.items())
                         values = torch.stack([v.detach() for v in terms.values()] + [loss.detach()])
                         if distributed:  # global means for logging; also makes the NaN check agree on all ranks
@@ -354,7 +356,7 @@ _RESERVED_TERMS = frozenset({"step", "loss", "lr", "grad_norm", "ce", "kd"})
 
 
 def _loss_terms(state: StepState, distill: Optional[DistillConfig], hooks: Sequence[LossHook],
-                global_batch: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                global_batch: int, label_weight: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Named loss terms of one micro-batch and their weights in the loss.
 
     Each term is this rank's share of the global-batch mean (sum over the local slice / global
@@ -364,9 +366,9 @@ def _loss_terms(state: StepState, distill: Optional[DistillConfig], hooks: Seque
     terms: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
     alpha = distill.alpha if distill is not None else 0.0
-    if alpha < 1.0:  # a term with weight 0 is left out: its NaN must not stop a run it cannot affect
+    if alpha < 1.0 and label_weight > 0:  # a term with weight 0 is left out: its NaN must not stop a run it cannot affect
         terms["ce"] = F.cross_entropy(state.student_logits, state.y, reduction="sum") / global_batch
-        weights["ce"] = 1.0 - alpha
+        weights["ce"] = (1.0 - alpha) * label_weight
     if distill is not None and alpha > 0.0:
         kd = kd_loss(state.student_logits, state.teacher_logits, distill.temperature)
         terms["kd"], weights["kd"] = kd.sum() / global_batch, alpha

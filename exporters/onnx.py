@@ -27,6 +27,8 @@ from edgeprep.exporters.base import Exporter, ExportOptions
 from edgeprep.exporters.onnxruntime_rt import OPTIMIZE_LEVELS, create_session, one_line, root_logging_kept
 from edgeprep.fsutil import sha256_file
 from edgeprep.manifest import describe_file
+from edgeprep.quant.export import exporting, is_quantized, quantization_summary
+from edgeprep.quant.onnx_passes import finish_quantized_onnx
 from edgeprep.types import Artifact, TensorSpec
 
 MODEL_FILE = "model.onnx"
@@ -170,6 +172,21 @@ def _export_dynamo(model, example, path: Path, opset: int, external: bool) -> No
         program = torch.onnx.export(model, tuple(example), dynamo=True, opset_version=opset,
                                     dynamic_shapes=dynamic_shapes, external_data=external, verbose=False)
         program.save(str(path), external_data=external)
+    if not external:
+        _strip_node_metadata(path)
+
+
+def _strip_node_metadata(path: Path) -> None:
+    """Drop the dynamo exporter's per-node debug metadata (FX node text, stack traces, class
+    hierarchy): on a small model it is half the file, and an edge artifact ships without it."""
+    import onnx
+
+    from edgeprep.measure.census import iter_nodes
+
+    proto = onnx.load(str(path))
+    for node in iter_nodes(proto.graph):
+        del node.metadata_props[:]
+    onnx.save_model(proto, str(path))
 
 
 def _export_torchscript(model, example, path: Path, opset: int, external: bool) -> list[str]:
@@ -290,7 +307,11 @@ class OnnxExporter(Exporter):
         was_training = model.training
         model.eval()
         try:
-            info = self._first_working(model, example, out_dir / MODEL_FILE, opts, external, keep)
+            # A QAT model exports its integer form (Q/DQ, int8 weights); a float model is unchanged.
+            with exporting(model) as quantized:
+                info = self._first_working(model, example, out_dir / MODEL_FILE, opts, external, keep)
+                if quantized:
+                    info["quantization"] = quantization_summary(model)
         finally:
             model.train(was_training)
         path = out_dir / MODEL_FILE
@@ -316,7 +337,10 @@ class OnnxExporter(Exporter):
                     warns: list[str] = []
                 else:
                     warns = _export_torchscript(model, example, path, opts.opset, external)
+                passes = finish_quantized_onnx(path, model) if is_quantized(model) else None
                 check = _self_check(model, example, path, external, opts.optimize, keep)
+                if passes is not None:
+                    check["quantized_graph"] = passes
             except Exception as exc:  # any exporter failure: try the next one, keep the reason
                 reasons[exporter] = _short(exc)
                 continue

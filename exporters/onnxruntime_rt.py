@@ -19,6 +19,8 @@ import numpy as np
 
 from edgeprep.errors import MissingDependencyError, RuntimeFailure
 from edgeprep.exporters.base import LoadedModel, Runtime
+from edgeprep.quant.nbits import DEFAULT_ACCURACY_LEVEL as NBITS_ACCURACY_LEVEL
+from edgeprep.quant.nbits import session_config_for_nbits
 from edgeprep.types import Artifact, LatencyStats
 
 DEFAULT_OPTIMIZE = "extended"
@@ -77,6 +79,11 @@ def session_options(optimize: str = DEFAULT_OPTIMIZE, threads: int = 1,
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # errors only: "all" warns on every save that NCHWc is hardware specific
+    # Weight-only DequantizeLinear -> MatMul fuses into MatMulNBits; ORT's default accuracy level 4
+    # re-quantizes its activations to int8 per block (different numbers, and slower on x86, see
+    # edgeprep/quant/nbits.py). Level 1 keeps fp32 activations: the artifact computes what it says.
+    for key, value in session_config_for_nbits(NBITS_ACCURACY_LEVEL).items():
+        so.add_session_config_entry(key, value)
     if optimized_model_path is not None:
         so.optimized_model_filepath = str(optimized_model_path)
     return so

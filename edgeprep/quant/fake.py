@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 from torch import nn
 
 from edgeprep.errors import BadInputError
@@ -94,12 +95,28 @@ def ternarize(w: torch.Tensor, per_row: bool = False, clip: float = TWN_CLIP) ->
     return hard + (w - w.detach()) * inside
 
 
+def _decomposed_ops():
+    """torch's quantized_decomposed ops (the PT2E quantize/dequantize ops the ONNX exporter maps to
+    QuantizeLinear / DequantizeLinear). They must be registered before torch.onnx.export builds its
+    op registry, or the exporter finds no ONNX function for them: hence the import at the top."""
+    return torch.ops.quantized_decomposed
+
+
+def qdq_per_tensor(x: torch.Tensor, scale: float, qmin: int, qmax: int) -> torch.Tensor:
+    """The export form of ``fake_quant`` with a per-tensor scale: a QuantizeLinear ->
+    DequantizeLinear pair in ONNX (int8 storage, zero point 0), same grid and rounding."""
+    qd = _decomposed_ops()
+    q = qd.quantize_per_tensor(x, scale, 0, qmin, qmax, torch.int8)
+    return qd.dequantize_per_tensor(q, scale, 0, qmin, qmax, torch.int8)
+
+
 class LsqQuantizer(nn.Module):
     """Activation fake quantizer with a learned per-tensor scale (LSQ, Esser et al. 2020).
 
-    The scale starts from calibration (``init_from``: max|x| / qmax over the batches seen) and is
-    then trained; LSQ's gradient scale 1 / sqrt(numel * qmax) keeps its step size comparable to the
-    weights'. Symmetric int8 by default, zero point 0, so export is a plain Q/DQ pair.
+    The scale starts from calibration (``observing``: max|x| / qmax over the batches seen, the
+    input passing through unquantized) or, without one, from the first batch; it is then trained,
+    LSQ's gradient scale 1 / sqrt(numel * qmax) keeping its step size comparable to the weights'.
+    Symmetric int8 by default, zero point 0, so export is a plain Q/DQ pair (``exporting``).
     """
 
     def __init__(self, bits: int = 8):
@@ -108,6 +125,9 @@ class LsqQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
         self.enabled = True
+        self.observing = False  # calibration: widen the range to max|x|, pass x through
+        self.exporting = False  # emit quantized_decomposed Q/DQ ops (ONNX QuantizeLinear/DequantizeLinear)
+        self.export_scale = 1.0  # step_size() frozen as a Python float when export starts (a graph constant)
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
@@ -116,11 +136,23 @@ class LsqQuantizer(nn.Module):
         self.scale.fill_(max(amax, prev, 1e-8) / self.qmax)
         self.initialized.fill_(True)
 
+    def step_size(self) -> float:
+        """The scale the runtime uses (what ``forward`` quantizes with)."""
+        return float(self.scale.detach().abs().clamp_min(1e-8))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if self.observing:
+            self.init_from(x)
+            return x
+        if self.exporting:
+            return qdq_per_tensor(x, self.export_scale, self.qmin, self.qmax)
         if not bool(self.initialized):
             self.init_from(x)  # first batch calibrates: a random start would clip or waste the range
         g = 1.0 / math.sqrt(x.numel() * self.qmax)
         s = self.scale * g + (self.scale - self.scale * g).detach()  # value = scale, gradient * g
         return fake_quant(x, s.abs().clamp_min(1e-8), self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"int[{self.qmin}, {self.qmax}], scale={float(self.scale):.4g}"

@@ -9,6 +9,7 @@ from edgeprep.context import Context
 from edgeprep.errors import BadInputError
 from edgeprep.stages.finetune import FinetuneStage
 from edgeprep.stages.prune import PruneStage
+from edgeprep.stages.qat import QatStage
 
 
 class Stage(Protocol):
@@ -17,7 +18,7 @@ class Stage(Protocol):
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module: ...
 
 
-STAGES: dict[str, type] = {"finetune": FinetuneStage, "prune": PruneStage}
+STAGES: dict[str, type] = {"finetune": FinetuneStage, "prune": PruneStage, "qat": QatStage}
 
 
 def get_stage(config: Any) -> Stage:

@@ -1,0 +1,67 @@
+"""Put a QAT model into its export form for the duration of an ONNX export.
+
+Inside ``exporting(model)`` every QuantLinear holds its integer weights as buffers (``qweight``
+int8 [in, out], ``qweight_scale`` float [out]) and every quantizer emits torch's
+quantized_decomposed ops, which the dynamo ONNX exporter writes as QuantizeLinear /
+DequantizeLinear with int8 initializers. The numbers are the fake-quant model's: same integers,
+same scales, same round-half-even. Afterwards the model is exactly as before.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from torch import nn
+
+from edgeprep.quant.fake import LsqQuantizer
+from edgeprep.quant.linear import QuantLinear
+
+EXPORT_BUFFERS = ("qweight", "qweight_scale")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def _switchable(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "exporting")]
+
+
+@contextlib.contextmanager
+def exporting(model: nn.Module) -> Iterator[bool]:
+    """Yields whether the model has anything quantized; a float model passes through unchanged."""
+    switchable = _switchable(model)
+    if not switchable:
+        yield False
+        return
+    linears = [m for m in switchable if isinstance(m, QuantLinear)]
+    try:
+        for m in linears:
+            codes, scales = m.integer_weight()
+            m.register_buffer("qweight", codes.t().contiguous())
+            m.register_buffer("qweight_scale", scales)
+        for m in switchable:
+            if isinstance(m, LsqQuantizer):
+                m.export_scale = m.step_size()
+            m.exporting = True
+        yield True
+    finally:
+        for m in switchable:
+            m.exporting = False
+        for m in linears:
+            for name in EXPORT_BUFFERS:
+                m._buffers.pop(name, None)
+
+
+def weight_bits(model: nn.Module) -> dict[str, int]:
+    """ONNX initializer name -> bits for the weights narrower than 8 bits (int4, ternary)."""
+    return {f"{name}.qweight": m.weight_bits for name, m in model.named_modules()
+            if isinstance(m, QuantLinear) and m.weight_bits < 8}
+
+
+def quantization_summary(model: nn.Module) -> dict[str, Any]:
+    """What the artifact's manifest says about its quantization."""
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    modes = sorted({m.weight_mode for m in linears})
+    acts = sum(1 for m in _switchable(model) if not isinstance(m, QuantLinear))
+    return {"weights": modes, "quantized_linears": len(linears), "activation_quantizers": acts}

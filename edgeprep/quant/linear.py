@@ -1,0 +1,112 @@
+"""QuantLinear: nn.Linear with fake-quantized weights (int8 / int4 / ternary) and an int8 input.
+
+A subclass of nn.Linear, so ``weight`` and ``bias`` keep their names (a checkpoint's state dict
+reads the same) and code that checks ``isinstance(m, nn.Linear)`` (cost counting, pruning) still
+sees a Linear. The input quantizer lives in ``act`` (state-dict keys ``<name>.act.scale``).
+
+Two forward paths compute the same numbers:
+  training / eval: F.linear(fake_quant(x), fake_quant(W), b), with STE gradients;
+  export (``exporting``): x -> Q/DQ, integer weights stored transposed [in, out] as an int8
+  initializer -> DequantizeLinear(axis=1) -> MatMul -> Add(bias). That is the pattern ONNX Runtime
+  fuses into integer kernels (MatMulIntegerToFloat / QLinearMatMul), and int4 / ternary weights
+  are turned into n-bit types for MatMulNBits by ``edgeprep.quant.nbits`` after export.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeprep.errors import BadInputError
+from edgeprep.quant.fake import (
+    LsqQuantizer,
+    _decomposed_ops,
+    fake_quant,
+    int_range,
+    ternarize,
+    twn_params,
+    weight_scale,
+)
+
+WEIGHT_MODES = ("int8", "int4", "ternary")
+ACTIVATION_MODES = ("int8", "none")
+# Bits of the integer grid each weight mode lands on (ternary {-1, 0, 1} fits in 2 bits).
+WEIGHT_BITS = {"int8": 8, "int4": 4, "ternary": 2}
+STORAGE_RANGE = int_range(8)  # export stores every mode's integers in int8 first
+
+
+class QuantLinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weights: str = "int8", activations: str = "int8"):
+        if weights not in WEIGHT_MODES:
+            raise BadInputError(f"weights {weights!r} is not one of {', '.join(WEIGHT_MODES)}")
+        if activations not in ACTIVATION_MODES:
+            raise BadInputError(f"activations {activations!r} is not one of {', '.join(ACTIVATION_MODES)}")
+        super().__init__(in_features, out_features, bias)
+        self.weight_mode = weights
+        self.act: Optional[LsqQuantizer] = LsqQuantizer(8) if activations == "int8" else None
+        self.exporting = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, weights: str, activations: str) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                weights=weights, activations=activations)
+        q.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            q.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias)
+        q.train(linear.training)
+        return q
+
+    @property
+    def weight_bits(self) -> int:
+        return WEIGHT_BITS[self.weight_mode]
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight the forward uses (clipped STE gradients to ``weight``)."""
+        if self.weight_mode == "ternary":
+            return ternarize(self.weight)  # TWN, one alpha per tensor for a Linear
+        qmin, qmax = int_range(self.weight_bits)
+        scale = weight_scale(self.weight, self.weight_bits, axis=0)  # per output channel, max|w| -> qmax
+        return fake_quant(self.weight, scale, qmin, qmax)
+
+    @torch.no_grad()
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes int8 [out, in], scales float [out]): ``codes * scales[:, None]`` equals
+        ``quantized_weight()`` exactly (same scale, same round-half-even)."""
+        w = self.weight.detach()
+        if self.weight_mode == "ternary":
+            delta, alpha = twn_params(w)
+            codes = torch.sign(w) * (w.abs() > delta).to(w.dtype)
+            scales = alpha.expand(w.shape[0]).clone()
+        else:
+            qmin, qmax = int_range(self.weight_bits)
+            scales = weight_scale(w, self.weight_bits, axis=0)
+            codes = torch.clamp(torch.round(w / scales), qmin, qmax)
+            scales = scales.flatten()
+        # A ternary row with nothing above delta, or an all-zero channel: any positive scale works.
+        return codes.to(torch.int8), scales.clamp_min(1e-12).to(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:
+            return self._export_forward(x)
+        if self.act is not None:
+            x = self.act(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = _decomposed_ops()
+        # Buffers registered by edgeprep.quant.export.exporting(): named initializers in the ONNX file.
+        codes, scales = self.qweight, self.qweight_scale
+        zeros = torch.zeros_like(scales, dtype=torch.int64)
+        w = qd.dequantize_per_channel(codes, scales, zeros, 1, *STORAGE_RANGE, torch.int8)
+        if self.act is not None:
+            x = self.act(x)
+        y = torch.matmul(x, w)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weights={self.weight_mode}"

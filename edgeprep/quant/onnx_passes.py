@@ -1,0 +1,42 @@
+"""The ONNX pass run on a QAT model's exported file, before the exporter's self-check:
+
+``edgeprep.quant.nbits.to_weight_only_nbits`` for weight-only int4 / ternary Linears (no
+   activation quantizer): INT4 / INT2 weights that ORT fuses into MatMulNBits. A Linear with int8
+   activations keeps its low-bit codes in INT8 storage and runs on the int8 integer kernels,
+   because a DQ on the activation stops ORT's MatMulNBits fusion (see nbits.py).
+
+Not done here, on purpose: BERT's query, key and value Linears quantize the same hidden states;
+right after calibration their scales are equal, the exporter merges the three Q -> DQ chains and
+ORT then runs those MatMuls in float (splitting the chains again does not help: ORT's common
+subexpression elimination merges them back). Training moves the learned scales apart (LSQ), and
+then all of them fuse; the QAT stage always trains.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgeprep.quant.linear import QuantLinear
+from edgeprep.quant.nbits import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, to_weight_only_nbits
+
+
+def weight_only_bits(model: nn.Module) -> dict[str, int]:
+    """Initializer name -> bits for int4 / ternary Linears without an activation quantizer."""
+    return {f"{name}.qweight": m.weight_bits for name, m in model.named_modules()
+            if isinstance(m, QuantLinear) and m.weight_bits < 8 and m.act is None}
+
+
+def finish_quantized_onnx(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Apply the passes to the file at ``path`` in place; returns what they did (for the manifest)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    info: dict[str, Any] = {"matmulnbits_accuracy_level": DEFAULT_ACCURACY_LEVEL}
+    bits = weight_only_bits(model)
+    if bits:
+        proto, nbits = to_weight_only_nbits(proto, bits, DEFAULT_BLOCK_SIZE)
+        info["nbits"] = nbits
+    onnx.save_model(proto, str(path))
+    return info

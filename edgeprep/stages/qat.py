@@ -1,0 +1,119 @@
+"""The ``qat`` stage: quantization-aware training with Teacher Intervention (Kim et al., EACL 2023).
+
+1. The teacher is the full-precision model as the stage receives it (a copy, given tapped
+   attention layers so its tensors can be recorded).
+2. The student is that model with QuantLinear weights (int8 / int4 / ternary), int8 inputs to
+   every Linear and int8 Q, K, V and attention probabilities (``edgeprep.quant.convert``).
+3. Activation scales are calibrated on the calibration split (max|x| per quantizer, the input
+   passing through unquantized), then learned (LSQ).
+4. Training through the shared loop: ``intervention_steps`` steps with intervention (TI-M / C / O,
+   or TI-G's O -> C -> M), then plain KD-QAT for the rest; loss = soft CE on logits + MSE on
+   attention scores, hidden states and attention outputs; no ground-truth loss by default.
+One optimizer and one warmup + cosine schedule span both steps of the paper.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from edgeprep.context import Context
+from edgeprep.errors import BadInputError
+from edgeprep.quant.convert import QAT_KIND, quantize_model, tap_model
+from edgeprep.quant.fake import LsqQuantizer
+from edgeprep.quant.intervention import InterventionSchedule, TeacherInterventionModel, ti_loss_hook
+from edgeprep.recipe import QatConfig, TrainConfig
+from edgeprep.train import evaluate_accuracy, train
+
+DEFAULT_INTERVENTION_FRACTION = 0.1  # s = 10% of the steps when intervention_steps is unset
+CALIB_BATCH = 64
+LAST_GOOD_NAME = "last_good.safetensors"
+
+
+def intervention_steps(cfg: QatConfig, steps: int) -> int:
+    if cfg.intervention == "none":
+        return 0
+    s = cfg.intervention_steps if cfg.intervention_steps is not None \
+        else max(1, round(DEFAULT_INTERVENTION_FRACTION * steps))
+    if s > steps:
+        raise BadInputError(f"stage qat: intervention_steps {s} exceeds the stage's {steps} steps; "
+                            f"lower intervention_steps or raise steps")
+    return s
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, inputs: torch.Tensor, batch: int = CALIB_BATCH) -> int:
+    """Set every activation quantizer's range to max|x| over ``inputs``; returns how many it set."""
+    quantizers = [m for m in model.modules() if isinstance(m, LsqQuantizer)]
+    was_training = model.training
+    model.eval()
+    try:
+        for q in quantizers:
+            q.observing = True
+        for i in range(0, len(inputs), batch):
+            model(inputs[i:i + batch])
+    finally:
+        for q in quantizers:
+            q.observing = False
+        model.train(was_training)
+    return sum(bool(q.initialized) for q in quantizers)
+
+
+class QatStage:
+    def __init__(self, config: QatConfig):
+        self.config = config
+
+    def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+        cfg = self.config
+        if ctx.data.task != "classification":
+            raise BadInputError(f"stage qat distils classification logits; the data is a {ctx.data.task!r} task; "
+                                "use the Python API (edgeprep.quant.intervention) with your own loss")
+        if any(d.get("kind") == QAT_KIND for d in ctx.decisions):
+            raise BadInputError("stage qat: the model is already quantized by an earlier qat stage; use one qat stage")
+        train_cfg: TrainConfig = cfg.train.resolve(ctx.train)
+        if cfg.steps is not None:
+            train_cfg = train_cfg.model_copy(update={"steps": cfg.steps})
+        s = intervention_steps(cfg, train_cfg.steps)
+        teacher = copy.deepcopy(ctx.teacher if ctx.teacher is not None else model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        tap_model(teacher)
+        val = ctx.data.val
+        fp_val = evaluate_accuracy(model, val) if len(val.y) else None
+
+        decision = quantize_model(model, cfg.weights, cfg.activations, targets=cfg.targets, ignore=cfg.ignore)
+        ctx.decisions.append(decision)
+        calibrated = calibrate(model, ctx.data.calib)
+        calib_val = evaluate_accuracy(model, val) if len(val.y) else None
+
+        wrapper = TeacherInterventionModel(model, teacher, InterventionSchedule(cfg.intervention, s))
+        eval_fn = (lambda m: {"val_accuracy": evaluate_accuracy(m, val)}) if len(val.y) and train_cfg.eval_every \
+            else None
+        try:
+            result = train(wrapper, ctx.data.train, train_cfg, seed=ctx.seed, loss_hooks=[ti_loss_hook(
+                wrapper, cfg.loss_weights.model_dump())], step_callbacks=[wrapper.on_step], eval_fn=eval_fn,
+                progress=ctx.progress, description=f"qat {cfg.weights}",
+                last_good_path=ctx.stage_dir / LAST_GOOD_NAME if ctx.stage_dir else None,
+                label_weight=cfg.label_loss)
+        finally:
+            wrapper.close()
+        model.eval()
+        final_val = evaluate_accuracy(model, val) if len(val.y) else None
+        ctx.report.metrics["qat"] = {
+            "weights": cfg.weights, "activations": cfg.activations, "intervention": cfg.intervention,
+            "intervention_steps": s, "steps": train_cfg.steps, "label_loss": cfg.label_loss,
+            "loss_weights": cfg.loss_weights.model_dump(),
+            "quantized_linears": len(decision["linears"]), "attention_layers": len(decision["attentions"]),
+            "activation_quantizers": calibrated,
+            "val_accuracy": {"fp32": fp_val, "calibrated": calib_val, "trained": final_val},
+            "history": [_slim(h) for h in result.history],
+        }
+        ctx.report.note(f"QAT {cfg.weights} weights / {cfg.activations} activations on {len(decision['linears'])} "
+                        f"Linears, {calibrated} activation quantizers; intervention {cfg.intervention} for {s} of "
+                        f"{train_cfg.steps} steps")
+        return model
+
+
+def _slim(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in entry.items()}
