@@ -45,7 +45,7 @@ class OnnxOptions(ExportOptions):
     """The onnx fields of the recipe's ExportTargetConfig (which may be passed instead)."""
 
     name: Optional[str] = None
-    opset: int = Field(18, ge=18)
+    opset: int = Field(20, ge=18)  # 20: Gelu is one op (at 18 it is 5 that ORT does not fuse back)
     dynamo: bool = True
     optimize: str = "extended"
     mobile: bool = False

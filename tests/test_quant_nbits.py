@@ -220,3 +220,28 @@ def test_per_tensor_scale_and_nonzero_zero_point_stay_exact(tmp_path):
     y, optimized = _run(new, x, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, tmp_path)
     assert [n.op_type for n in optimized.graph.node] == ["MatMulNBits"]
     assert np.abs(y - x.astype(np.float64) @ ((q - 3) * np.float64(np.float32(0.02)))).max() <= 1e-5
+
+
+def test_two_bit_weights_with_n_not_a_multiple_of_4_fall_back_to_int4(tmp_path):
+    """ORT 1.32's 2-bit MatMulNBits is wrong for N % 4 != 0 (a 10-class head): stored as INT4, exact."""
+    rng = np.random.default_rng(3)
+    w = rng.integers(-1, 2, size=(64, 10)).astype(np.int8)
+    scale = rng.uniform(0.5, 1.5, 10).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["d"], axis=1),
+         helper.make_node("MatMul", ["x", "d"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "s"),
+         numpy_helper.from_array(np.zeros(10, np.int8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    new, info = to_weight_only_nbits(model, {"w": 2})
+    assert info["storage"] == {"w": "INT4"} and info["opset"] == 21
+    path = tmp_path / "m.onnx"
+    onnx.save(new, str(path))
+    so = ort.SessionOptions()
+    for key, value in session_config_for_nbits().items():
+        so.add_session_config_entry(key, value)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    assert np.abs(sess.run(None, {"x": x})[0] - x @ (w * scale)).max() < 1e-4

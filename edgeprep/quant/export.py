@@ -16,7 +16,7 @@ from torch import nn
 from edgeprep.quant.fake import LsqQuantizer
 from edgeprep.quant.linear import QuantLinear
 
-EXPORT_BUFFERS = ("qweight", "qweight_scale")
+EXPORT_BUFFERS = ("qweight", "qweight_scale", "qbias", "qbias_scale")
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -40,6 +40,10 @@ def exporting(model: nn.Module) -> Iterator[bool]:
             codes, scales = m.integer_weight()
             m.register_buffer("qweight", codes.t().contiguous())
             m.register_buffer("qweight_scale", scales)
+            bias = m.integer_bias()
+            if bias is not None:
+                m.register_buffer("qbias", bias[0])
+                m.register_buffer("qbias_scale", bias[1])
         for m in switchable:
             if isinstance(m, LsqQuantizer):
                 m.export_scale = m.step_size()

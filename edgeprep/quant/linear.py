@@ -25,6 +25,7 @@ from edgeprep.quant.fake import (
     _decomposed_ops,
     fake_quant,
     int_range,
+    round_ste,
     ternarize,
     twn_params,
     weight_scale,
@@ -35,6 +36,7 @@ ACTIVATION_MODES = ("int8", "none")
 # Bits of the integer grid each weight mode lands on (ternary {-1, 0, 1} fits in 2 bits).
 WEIGHT_BITS = {"int8": 8, "int4": 4, "ternary": 2}
 STORAGE_RANGE = int_range(8)  # export stores every mode's integers in int8 first
+BIAS_RANGE = (-(1 << 31), (1 << 31) - 1)  # int32 bias on the int32 accumulator
 
 
 class QuantLinear(nn.Linear):
@@ -90,12 +92,41 @@ class QuantLinear(nn.Linear):
         # A ternary row with nothing above delta, or an all-zero channel: any positive scale works.
         return codes.to(torch.int8), scales.clamp_min(1e-12).to(torch.float32)
 
+    def _weight_scales(self) -> torch.Tensor:
+        """Per-output-channel weight scales [out] (ternary: alpha repeated), detached."""
+        w = self.weight.detach()
+        if self.weight_mode == "ternary":
+            return twn_params(w)[1].expand(w.shape[0])
+        return weight_scale(w, self.weight_bits, axis=0).flatten()
+
+    def bias_scale(self) -> Optional[torch.Tensor]:
+        """int32 bias grid: input scale x weight scale per channel, so the bias adds straight onto the
+        int32 accumulator (ONNX Runtime's QGemm). None without an input quantizer or a bias."""
+        if self.act is None or self.bias is None:
+            return None
+        return (self.act.scale.detach().abs().clamp_min(1e-8) * self._weight_scales()).clamp_min(1e-30)
+
+    def quantized_bias(self) -> Optional[torch.Tensor]:
+        scale = self.bias_scale()
+        if scale is None:
+            return self.bias
+        return torch.clamp(round_ste(self.bias / scale), *BIAS_RANGE) * scale
+
+    @torch.no_grad()
+    def integer_bias(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(codes int32 [out], scales float [out]); ``codes * scales`` equals ``quantized_bias()``."""
+        scale = self.bias_scale()
+        if scale is None:
+            return None
+        codes = torch.clamp(torch.round(self.bias.detach() / scale), *BIAS_RANGE)
+        return codes.to(torch.int32), scale.to(torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exporting:
             return self._export_forward(x)
         if self.act is not None:
             x = self.act(x)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, self.quantized_weight(), self.quantized_bias())
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         qd = _decomposed_ops()
@@ -103,10 +134,20 @@ class QuantLinear(nn.Linear):
         codes, scales = self.qweight, self.qweight_scale
         zeros = torch.zeros_like(scales, dtype=torch.int64)
         w = qd.dequantize_per_channel(codes, scales, zeros, 1, *STORAGE_RANGE, torch.int8)
-        if self.act is not None:
-            x = self.act(x)
-        y = torch.matmul(x, w)
-        return y + self.bias if self.bias is not None else y
+        if self.act is None:
+            # Weight-only: DQ(weight) -> MatMul, which ORT fuses into MatMulNBits (n-bit) kernels.
+            y = torch.matmul(x, w)
+            return y + self.bias if self.bias is not None else y
+        # int8 activations: a 2-D Gemm with an int32 bias, which ORT fuses into QGemm (the bias lands
+        # on the int32 accumulator; one kernel instead of MatMulIntegerToFloat + Add).
+        lead = x.shape[:-1]
+        x2 = self.act(x.reshape(-1, x.shape[-1]))
+        if self.bias is None:
+            y = torch.mm(x2, w)
+        else:
+            b = qd.dequantize_per_channel(self.qbias, self.qbias_scale, zeros, 0, *BIAS_RANGE, torch.int32)
+            y = torch.addmm(b, x2, w)
+        return y.reshape(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weights={self.weight_mode}"

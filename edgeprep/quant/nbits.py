@@ -100,6 +100,10 @@ ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # powers of two ORT's CPU MatMulNBits handles correctly
 INT4_OPSET = 21  # first opset whose DequantizeLinear takes INT4 and block_size
 INT2_OPSET = 25  # first opset whose DequantizeLinear takes INT2
+# ORT 1.32's MatMulNBits(bits=2) returns wrong numbers when N (output features) is not a multiple
+# of 4 (measured: N = 1..3, 5..7, 10, 14, 17, 30, 33, 63 wrong by O(10) for K = 32..96; every
+# multiple of 4 tried exact), e.g. a 10-class head. Such weights are stored as INT4 instead.
+INT2_N_MULTIPLE = 4
 
 # Default-domain ops whose *meaning* (not just type list) changed between opset 18 and 25: a
 # model using them cannot simply have its opset number raised. Value: opset of the change.
@@ -195,11 +199,13 @@ def _check_block_size(block_size: int) -> None:
         raise BadInputError(f"nbits block_size must be one of {list(BLOCK_SIZES)}, got {block_size!r}")
 
 
-def _storage_for(bits: int, int2: bool) -> _Storage:
-    """INT4 for 4 bits; INT2 for 2 bits when asked for and this onnx has it, else INT4."""
+def _storage_for(bits: int, int2: bool, n: int) -> _Storage:
+    """INT4 for 4 bits; INT2 for 2 bits when asked for, this onnx has it and ORT computes it right
+    (N a multiple of INT2_N_MULTIPLE), else INT4 (same values, twice the bytes)."""
     import ml_dtypes  # a dependency of onnx itself
 
-    if bits == 2 and int2 and hasattr(TensorProto, "INT2") and hasattr(ml_dtypes, "int2"):
+    if bits == 2 and int2 and n % INT2_N_MULTIPLE == 0 and hasattr(TensorProto, "INT2") \
+            and hasattr(ml_dtypes, "int2"):
         return _Storage("INT2", ml_dtypes.int2, INT2_OPSET)
     return _Storage("INT4", ml_dtypes.int4, INT4_OPSET)
 
@@ -223,7 +229,7 @@ def _plan(index: _GraphIndex, name: str, bits: int, block_size: int, int2: bool)
     _check_float_activation(index, matmul, where)
     k, n = init.dims
     scale, zero_point = _per_channel_params(index, dq, n, where)
-    storage = _storage_for(bits, int2)
+    storage = _storage_for(bits, int2, n)
     q = _tensor_array(init, where).astype(np.int32)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     _check_range(q, lo, hi, bits, where)
