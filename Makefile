@@ -25,6 +25,7 @@ bench: venv
 	$(BIN)/python benchmarks/ptq_table.py
 	$(BIN)/python benchmarks/profile_repeatability.py
 	$(BIN)/python benchmarks/prune_table.py   # ~50 min on 2 cores: 3 seeds x 4 pruning variants
+	$(BIN)/python benchmarks/qat_table.py     # ~50 min on 2 cores: 3 seeds x (int8 QAT + ternary TI-G vs KD-QAT)
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

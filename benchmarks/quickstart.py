@@ -1,5 +1,6 @@
 """Quickstart acceptance numbers: wall time of `edgeprep run quickstart` (after install), baseline
-accuracy, the pruned artifact's accuracy, size and ORT parity. Writes benchmarks/results/quickstart.md.
+accuracy, the final (pruned + int8 QAT) artifact's accuracy, size, ORT parity and integer-op share.
+Writes benchmarks/results/quickstart.md.
 
 Usage: .venv/bin/python benchmarks/quickstart.py [--repeats 1]
 """
@@ -40,7 +41,8 @@ def main() -> None:
                      report["baseline"]["metric"]["value"], base["metric"]["value"], onnx["metric"]["value"],
                      report["baseline"]["params"], report["model"]["params"], onnx["parity"]["sqnr_db"],
                      onnx["parity"]["max_abs"], base["latency_ms"]["p50"], onnx["latency_ms"]["p50"],
-                     onnx.get("speedup")))
+                     onnx.get("speedup"), stage_s.get("qat", 0.0), base["bytes"], onnx["bytes"],
+                     (onnx.get("precision") or {}).get("low_precision_op_fraction")))
     load = os.getloadavg()[0]
     lines = [
         "# Quickstart (`edgeprep run quickstart`)",
@@ -49,16 +51,18 @@ def main() -> None:
         f"Date: {datetime.now(timezone.utc).date()}; machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}; 1-min load average after: {load:.2f}",
         "",
-        "| run | wall s (whole CLI call) | finetune s | prune s | baseline acc (PyTorch) | baseline ONNX acc (ORT) "
-        "| pruned ONNX acc (ORT) | params before -> after | pruned SQNR dB | pruned max abs | baseline / pruned ORT p50 ms "
-        "| speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | wall s (whole CLI call) | finetune s | prune s | qat s | baseline acc (PyTorch) | baseline ONNX acc (ORT) "
+        "| final ONNX acc (ORT) | params before -> after | bytes before -> after | integer-op share | final SQNR dB "
+        "vs PyTorch | final max abs | baseline / final ORT p50 ms | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         sq = "identical" if r[9] is None else f"{r[9]:.1f}"
         speed = "-" if r[13] is None else f"{r[13]:.2f}x"
-        lines.append(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.4f} | {r[5]:.4f} | {r[6]:.4f} "
-                     f"| {r[7]:,} -> {r[8]:,} | {sq} | {r[10]:.2e} | {r[11]:.3f} / {r[12]:.3f} | {speed} |")
+        share = "-" if r[17] is None else f"{r[17]:.2f}"
+        lines.append(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f} | {r[14]:.1f} | {r[4]:.4f} | {r[5]:.4f} "
+                     f"| {r[6]:.4f} | {r[7]:,} -> {r[8]:,} | {r[15]:,} -> {r[16]:,} | {share} | {sq} | {r[10]:.2e} "
+                     f"| {r[11]:.3f} / {r[12]:.3f} | {speed} |")
     text = "\n".join(lines) + "\n"
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "quickstart.md").write_text(text)

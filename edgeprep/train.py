@@ -366,7 +366,8 @@ def _loss_terms(state: StepState, distill: Optional[DistillConfig], hooks: Seque
     terms: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
     alpha = distill.alpha if distill is not None else 0.0
-    if alpha < 1.0 and label_weight > 0:  # a term with weight 0 is left out: its NaN must not stop a run it cannot affect
+    # A term with weight 0 is left out: its NaN must not stop a run it cannot affect.
+    if alpha < 1.0 and label_weight > 0:
         terms["ce"] = F.cross_entropy(state.student_logits, state.y, reduction="sum") / global_batch
         weights["ce"] = (1.0 - alpha) * label_weight
     if distill is not None and alpha > 0.0:

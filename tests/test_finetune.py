@@ -96,9 +96,10 @@ def test_no_val_split_is_noted_not_fatal():
 def test_registry_is_a_dict_and_unknown_kinds_list_valid_ones():
     from edgeprep.recipe import STAGE_KINDS
     from edgeprep.stages.prune import PruneStage
+    from edgeprep.stages.qat import QatStage
 
-    assert STAGES == {"finetune": FinetuneStage, "prune": PruneStage}
+    assert STAGES == {"finetune": FinetuneStage, "prune": PruneStage, "qat": QatStage}
     assert set(STAGES) == set(STAGE_KINDS)  # every recipe kind has a stage and vice versa
     assert isinstance(get_stage(FinetuneConfig()), FinetuneStage)
-    with pytest.raises(BadInputError, match="unknown stage kind 'qat'; valid kinds: finetune, prune"):
-        get_stage(StageConfig(kind="qat"))
+    with pytest.raises(BadInputError, match="unknown stage kind 'reparam'; valid kinds: finetune, prune, qat"):
+        get_stage(StageConfig(kind="reparam"))

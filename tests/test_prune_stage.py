@@ -147,9 +147,9 @@ def test_prune_recipe_validation():
             parse_recipe({**base, "stages": [stage]})
 
 
-def test_quickstart_has_a_prune_stage():
+def test_quickstart_has_a_prune_stage_then_qat():
     from edgeprep.recipes_index import resolve_recipe
     from edgeprep.recipe import load_recipe
 
     kinds = [s.kind for s in load_recipe(resolve_recipe("quickstart")).stages]
-    assert kinds == ["finetune", "prune"]
+    assert kinds == ["finetune", "prune", "qat"]

@@ -52,6 +52,11 @@ def test_int8_artifact_runs_integer_kernels_and_agrees_with_fake_quant(qat_run):
     assert len(info["history"]) == 40 and {"ti_logits", "ti_scores", "ti_hidden", "ti_attn_out"} <= set(
         info["history"][0])
     assert "ce" not in info["history"][0]  # no ground-truth loss by default
+    # TI-G with s = 12: TI-O for steps < 2, TI-C for steps < 4, TI-M to step 12, then KD-QAT
+    modes = [h["intervention"] for h in info["history"]]
+    assert modes == ["o"] * 2 + ["c"] * 2 + ["m"] * 8 + ["none"] * 28
+    md = (qat_run / "run" / "report.md").read_text()
+    assert "## Quantization-aware training" in md and "MatMulNBits accuracy level 1" in md
     art = {a["name"]: a for a in report["artifacts"]}["onnx"]
     census = art["precision"]
     # 3 blocks x (qkv, proj, fc1, fc2 as QGemm; QK^T, PV) and the head in integer kernels; the patch Conv

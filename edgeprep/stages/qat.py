@@ -87,7 +87,8 @@ class QatStage:
         calibrated = calibrate(model, ctx.data.calib)
         calib_val = evaluate_accuracy(model, val) if len(val.y) else None
 
-        wrapper = TeacherInterventionModel(model, teacher, InterventionSchedule(cfg.intervention, s))
+        schedule = InterventionSchedule(cfg.intervention, s)
+        wrapper = TeacherInterventionModel(model, teacher, schedule)
         eval_fn = (lambda m: {"val_accuracy": evaluate_accuracy(m, val)}) if len(val.y) and train_cfg.eval_every \
             else None
         try:
@@ -107,7 +108,9 @@ class QatStage:
             "quantized_linears": len(decision["linears"]), "attention_layers": len(decision["attentions"]),
             "activation_quantizers": calibrated,
             "val_accuracy": {"fp32": fp_val, "calibrated": calib_val, "trained": final_val},
-            "history": [_slim(h) for h in result.history],
+            # each optimizer step with the intervention point it ran under ("none": KD-QAT)
+            "history": [{**_slim(h), "intervention": schedule.mode(h["step"] - 1) or "none"}
+                        for h in result.history],
         }
         ctx.report.note(f"QAT {cfg.weights} weights / {cfg.activations} activations on {len(decision['linears'])} "
                         f"Linears, {calibrated} activation quantizers; intervention {cfg.intervention} for {s} of "
