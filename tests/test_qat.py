@@ -10,10 +10,11 @@ import torch
 from edgeprep.errors import BadInputError
 from edgeprep.models.vit import ViT
 from edgeprep.quant.convert import attention_sites, quantize_model, replay_qat, tap_model
-from edgeprep.quant.export import exporting, weight_bits
+from edgeprep.quant.export import exporting
 from edgeprep.quant.fake import LsqQuantizer
 from edgeprep.quant.intervention import InterventionSchedule, TeacherInterventionModel
 from edgeprep.quant.linear import QuantLinear
+from edgeprep.quant.onnx_passes import weight_only_bits
 from edgeprep.stages.qat import calibrate
 
 
@@ -240,8 +241,11 @@ def test_bert_quantizes_and_exports_integer_matmuls(tmp_path):
     assert not {"MatMul", "Gemm", "FusedMatMul", "FusedGemm"} & set(ops)
 
 
-def test_weight_bits_names_the_narrow_weights():
+def test_only_weight_only_narrow_linears_go_to_nbits():
     model = _vit()
-    quantize_model(model, "ternary", "int8")
-    bits = weight_bits(model)
+    quantize_model(model, "ternary", "none")
+    bits = weight_only_bits(model)
     assert set(bits.values()) == {2} and "blocks.0.attn.qkv.qweight" in bits and len(bits) == 9
+    model = _vit()
+    quantize_model(model, "ternary", "int8")  # int8 activations: the codes stay on the int8 kernels
+    assert weight_only_bits(model) == {}

@@ -144,8 +144,3 @@ def attach_taps(model: nn.Module, taps: Taps) -> list[Any]:
         if site.out_linear:
             handles.append(model.get_submodule(site.out_linear).register_forward_hook(bert_out_tap(attention)))
     return handles
-
-
-def quant_modules(model: nn.Module) -> list[nn.Module]:
-    """Every module with an ``exporting`` switch (QuantLinear and activation quantizers)."""
-    return [m for m in model.modules() if hasattr(m, "exporting")]

@@ -57,12 +57,6 @@ def exporting(model: nn.Module) -> Iterator[bool]:
                 m._buffers.pop(name, None)
 
 
-def weight_bits(model: nn.Module) -> dict[str, int]:
-    """ONNX initializer name -> bits for the weights narrower than 8 bits (int4, ternary)."""
-    return {f"{name}.qweight": m.weight_bits for name, m in model.named_modules()
-            if isinstance(m, QuantLinear) and m.weight_bits < 8}
-
-
 def quantization_summary(model: nn.Module) -> dict[str, Any]:
     """What the artifact's manifest says about its quantization."""
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]

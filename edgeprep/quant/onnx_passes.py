@@ -1,15 +1,14 @@
 """The ONNX pass run on a QAT model's exported file, before the exporter's self-check:
-
-``edgeprep.quant.nbits.to_weight_only_nbits`` for weight-only int4 / ternary Linears (no
-   activation quantizer): INT4 / INT2 weights that ORT fuses into MatMulNBits. A Linear with int8
-   activations keeps its low-bit codes in INT8 storage and runs on the int8 integer kernels,
-   because a DQ on the activation stops ORT's MatMulNBits fusion (see nbits.py).
+``edgeprep.quant.nbits.to_weight_only_nbits`` for weight-only int4 / ternary Linears (no activation
+quantizer), whose weights become INT4 / INT2 that ORT fuses into MatMulNBits. A Linear with int8
+activations keeps its low-bit codes in INT8 storage and runs on the int8 integer kernels, because
+a DQ on the activation stops ORT's MatMulNBits fusion (see nbits.py).
 
 Not done here, on purpose: BERT's query, key and value Linears quantize the same hidden states;
-right after calibration their scales are equal, the exporter merges the three Q -> DQ chains and
-ORT then runs those MatMuls in float (splitting the chains again does not help: ORT's common
-subexpression elimination merges them back). Training moves the learned scales apart (LSQ), and
-then all of them fuse; the QAT stage always trains.
+right after calibration their scales are equal, the exporter merges the three Q -> DQ chains, and
+ORT then runs those Linears in float (measured with their MatMul form; splitting the chains again
+does not help: ORT's common subexpression elimination merges them back). Training moves the
+learned scales apart (LSQ), and then all of them fuse; the QAT stage always trains.
 """
 from __future__ import annotations
 
