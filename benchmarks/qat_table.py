@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeprep-qat-bench"))
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--only", choices=["int8"], default=None,
-                    help="with --resume: redo the int8 part of seeds measured with another int8 lr, keep ternary")
+                    help="with --resume: redo the int8 part of seeds measured with another int8 lr or label loss, "
+                         "keep ternary")
+    ap.add_argument("--int8-label-loss", type=float, default=0.0,
+                    help="weight of the ground-truth loss in int8 QAT (0: distillation only, the paper's default)")
     ap.add_argument("--latency-only", action="store_true",
                     help="with --resume: re-profile the saved artifacts of every seed, nothing else")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -77,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     data = load_data(DataConfig(source="digits32"))
     for seed in args.seeds:
-        redo_int8 = args.only == "int8" and str(seed) in runs and runs[str(seed)]["int8"].get("lr") != INT8_LR
+        int8 = runs[str(seed)]["int8"] if str(seed) in runs else {}
+        redo_int8 = args.only == "int8" and str(seed) in runs and (
+            int8.get("lr") != INT8_LR or int8.get("label_loss", 0.0) != args.int8_label_loss)
         if (str(seed) in runs and not redo_int8) or args.latency_only:
             continue
         runs[str(seed)] = run_seed(seed, data, args, keep=runs[str(seed)] if redo_int8 else None)
@@ -117,9 +122,11 @@ def run_seed(seed: int, data, args, keep: Optional[dict] = None) -> dict[str, An
     base.eval()
     out["fp32_test"] = evaluate_accuracy(base, data.test)
 
-    q8, m8, s8 = qat(base, data, seed, INT8_LR, weights="int8", activations="int8", intervention="gradual",
+    q8, m8, s8 = qat(base, data, seed, INT8_LR, label_loss=args.int8_label_loss, weights="int8", activations="int8",
+                     intervention="gradual",
                      steps=args.steps, intervention_steps=args.intervention_steps)
     out["int8"] = {"seconds": s8, "fake_quant_test": evaluate_accuracy(q8, data.test), "lr": INT8_LR,
+                   "label_loss": args.int8_label_loss,
                    "val_accuracy": m8["val_accuracy"], "intervention_steps": m8["intervention_steps"],
                    **measure_ort(base, q8, data, args, seed)}
     if keep is not None:
@@ -220,15 +227,19 @@ def render(runs: dict, args, seconds: float) -> str:
         "",
         f"Command: `.venv/bin/python benchmarks/qat_table.py --seeds {' '.join(seeds)} --steps {args.steps} "
         f"--ternary-steps {args.ternary_steps} --eval-every {args.eval_every} --iters {args.iters} "
-        f"--rounds {args.rounds}`" + (" (int8 part redone with `--resume --only int8` after an int8 lr change)"
-                                      if args.only else "") + "  ",
+        f"--rounds {args.rounds}"
+        + (f" --int8-label-loss {args.int8_label_loss:g}" if args.int8_label_loss else "") + "`"
+        + (" (int8 part redone with `--resume --only int8` after an int8 setting changed)" if args.only else "")
+        + "  ",
         f"Date: {time.strftime('%Y-%m-%d')}. Machine: {cpu_name()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min.  ",
         f"Base model: vit-bench trained {BASE_TRAIN.steps} steps per seed (AdamW lr {BASE_TRAIN.lr}); QAT lr "
         f"{INT8_LR} (int8) / {TERNARY_LR} (ternary), 10 warmup steps, cosine; loss = soft CE on logits + MSE on "
         "attention scores, hidden states "
-        "and attention outputs (no labels). Test split: 270 images (1 image = 0.37 pt).",
+        "and attention outputs; ground-truth loss weight in int8 QAT: "
+        + ", ".join(sorted({f"{run['int8'].get('label_loss', 0.0):g}" for run in r}))
+        + " (ternary: 0). Test split: 270 images (1 image = 0.37 pt).",
         "",
         "## int8 weights + int8 activations (TI-G, then KD-QAT)",
         "",
