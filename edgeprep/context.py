@@ -38,3 +38,10 @@ class Context:
     # Structural decisions applied so far (as data: kept indices, replaced module paths).
     # Structural stages append to it; checkpoints store it and loading replays it.
     decisions: list[dict[str, Any]] = field(default_factory=list)
+
+    def require_classification(self, stage: str, why: str, fix: str) -> None:
+        """The built-in training stages train on class labels; other tasks get one line with a fix."""
+        if self.data.task != "classification":
+            from edgeprep.errors import BadInputError
+
+            raise BadInputError(f"stage {stage} {why}; the data is a {self.data.task!r} task; {fix}")

@@ -34,6 +34,14 @@ def run_recipe_text(tmp_path: Path, text: str, *args: str):
     return run_cli("run", "r.yaml", "--out", "run", *args, cwd=tmp_path)
 
 
+def finished_run(tmp_path_factory, name: str, text: str) -> Path:
+    """A fresh work dir where `edgeprep run --quiet` ran ``text`` successfully (into <dir>/run)."""
+    work = tmp_path_factory.mktemp(name)
+    proc = run_recipe_text(work, text, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work
+
+
 # A quickstart with a smaller budget: the same stages, export, peers and gates, in seconds.
 FAST_RECIPE = """\
 name: fast

@@ -103,3 +103,17 @@ def test_registry_is_a_dict_and_unknown_kinds_list_valid_ones():
     assert isinstance(get_stage(FinetuneConfig()), FinetuneStage)
     with pytest.raises(BadInputError, match="unknown stage kind 'reparam'; valid kinds: finetune, prune, qat"):
         get_stage(StageConfig(kind="reparam"))
+
+
+def test_training_stages_refuse_non_classification_data_in_one_line():
+    from types import SimpleNamespace
+
+    from edgeprep.context import Context
+    from edgeprep.recipe import PruneConfig, QatConfig, TrainConfig
+
+    ctx = Context(data=SimpleNamespace(task="regression"), train=TrainConfig(), example_inputs=())
+    for cfg, fix in ((FinetuneConfig(), "remove the finetune stage"),
+                     (PruneConfig(pruning_ratio=0.5), "edgeprep.pruning.engine"),
+                     (QatConfig(), "edgeprep.quant.intervention")):
+        with pytest.raises(BadInputError, match=rf"^stage {cfg.kind} .*; the data is a 'regression' task; .*{fix}"):
+            get_stage(cfg).apply(torch.nn.Linear(2, 2), ctx)

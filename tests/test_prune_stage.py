@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import error_lines, run_cli, run_recipe_text
+from conftest import error_lines, finished_run, run_cli
 from edgeprep.errors import RecipeError
 from edgeprep.recipe import parse_recipe
 
@@ -32,10 +32,7 @@ validate:
 
 @pytest.fixture(scope="module")
 def prune_run(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("prune-run")
-    proc = run_recipe_text(work, PRUNE_RECIPE, "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work
+    return finished_run(tmp_path_factory, "prune-run", PRUNE_RECIPE)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import error_lines, run_cli, run_recipe_text
+from conftest import error_lines, finished_run, run_cli
 
 QAT_RECIPE = """\
 name: qat-e2e
@@ -36,10 +36,7 @@ gates:
 
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("qat-run")
-    proc = run_recipe_text(work, QAT_RECIPE, "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return work
+    return finished_run(tmp_path_factory, "qat-run", QAT_RECIPE)
 
 
 @pytest.mark.slow

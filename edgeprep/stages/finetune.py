@@ -22,9 +22,8 @@ class FinetuneStage:
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         cfg = self.config.train.resolve(ctx.train)
         distill = self.config.distill
-        if ctx.data.task != "classification":
-            raise BadInputError(f"stage finetune trains classifiers (cross-entropy on labels); the data is "
-                                f"a {ctx.data.task!r} task; remove the finetune stage for this model")
+        ctx.require_classification("finetune", "trains classifiers (cross-entropy on labels)",
+                                   "remove the finetune stage for this model")
         if distill is not None and ctx.teacher is None:
             raise BadInputError("stage finetune: `distill` is set but there is no teacher model; "
                                 "remove `distill` to train on the labels only")

@@ -72,9 +72,8 @@ class PruneStage:
 
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         cfg = self.config
-        if ctx.data.task != "classification":
-            raise BadInputError(f"stage prune scores and trains with classification labels; the data is a "
-                                f"{ctx.data.task!r} task; use the Python API (edgeprep.pruning.engine) with your own loss")
+        ctx.require_classification("prune", "scores and trains with classification labels",
+                                   "use the Python API (edgeprep.pruning.engine) with your own loss")
         if cfg.distill is not None and ctx.teacher is None:
             raise BadInputError("stage prune: `distill` is set but there is no teacher model; set distill: null")
         settings = settings_from(cfg, ctx.seed)

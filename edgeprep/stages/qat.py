@@ -66,9 +66,8 @@ class QatStage:
 
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         cfg = self.config
-        if ctx.data.task != "classification":
-            raise BadInputError(f"stage qat distils classification logits; the data is a {ctx.data.task!r} task; "
-                                "use the Python API (edgeprep.quant.intervention) with your own loss")
+        ctx.require_classification("qat", "distils classification logits",
+                                   "use the Python API (edgeprep.quant.intervention) with your own loss")
         if any(d.get("kind") == QAT_KIND for d in ctx.decisions):
             raise BadInputError("stage qat: the model is already quantized by an earlier qat stage; use one qat stage")
         train_cfg: TrainConfig = cfg.train.resolve(ctx.train)
