@@ -35,10 +35,17 @@ def expectations(role: str, min_sqnr_db: Optional[float], max_metric_drop: Optio
 def export_artifact(exporter: Any, model: torch.nn.Module, example: tuple[torch.Tensor, ...], out_dir: Path,
                     cfg: Any, *, name: str, role: str, task: str, ref_x: np.ndarray,
                     labels: Optional[np.ndarray], expect: dict[str, Any]) -> Artifact:
-    """Export atomically: the directory appears complete (manifest last) or not at all."""
+    """Export atomically: the directory appears complete (manifest last) or not at all.
+
+    A model with PRepBN norms is exported folded (no LayerNorm / BatchNorm left); the reference
+    outputs come from the unfolded model, so parity also checks the fold.
+    """
+    from edgeprep.reparam.fold import export_form
+
     ref_out = torch_outputs(model, torch.from_numpy(ref_x))
+    export_model = export_form(model, example)  # refuses (exit 2) while a PRepBN still mixes in LayerNorm
     with atomic_dir(Path(out_dir)) as tmp:
-        art = exporter.export(model, example, tmp, cfg)
+        art = exporter.export(export_model, example, tmp, cfg)
         art = dataclasses.replace(art, name=name, role=role, info={**dict(art.info), "optimize": cfg.optimize})
         write_manifest(art, task=task, ref_inputs=[ref_x], ref_outputs=[ref_out], labels=labels,
                        extra={"expect": expect})

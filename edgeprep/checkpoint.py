@@ -34,6 +34,8 @@ from edgeprep.pruning.surgery import HEADS_KIND, MLP_KIND
 from edgeprep.pruning.surgery import apply_decision as apply_pruning_decision
 from edgeprep.quant.convert import QAT_KIND, replay_qat
 from edgeprep.recipe import ModelConfig
+from edgeprep.reparam.fold import FOLD_KIND, replay_fold
+from edgeprep.reparam.surgery import REPARAM_KIND, replay_reparam
 
 SCHEMA = "edgeprep.checkpoint/1"
 CONFIG_FILE = "checkpoint.json"
@@ -47,6 +49,8 @@ DECISION_REPLAYERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {
     BERT_HEADS_KIND: apply_bert_decision,  # attention heads removed from a BERT-style layer
     BERT_MLP_KIND: apply_bert_decision,  # intermediate neurons removed from a BERT-style layer
     CHANNELS_KIND: apply_channels_decision,  # internal channels removed from a residual CNN block
+    REPARAM_KIND: replay_reparam,  # LayerNorm -> PRepBN / RepBN / BN, ViT attention -> SLA
+    FOLD_KIND: replay_fold,  # PRepBN folded: -> Identity (into its Linears) or a per-channel affine
     QAT_KIND: replay_qat,  # Linears -> QuantLinear, attention -> quantized / tapped attention
 }
 

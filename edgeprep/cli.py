@@ -142,6 +142,31 @@ def prune(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
 
 
 @app.command()
+def reparam(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
+            output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
+            norm: str = typer.Option("prepbn", help="LayerNorm replacement: prepbn | repbn | bn."),
+            attention: str = typer.Option("keep", help="Attention: keep | sla (Simplified Linear Attention)."),
+            warmup_steps: Optional[int] = typer.Option(None, help="Steps of pure LayerNorm (default: 10%)."),
+            decay_steps: Optional[int] = typer.Option(None, help="Steps for lam 1 -> 0 (default: 50%)."),
+            steps: int = typer.Option(300, help="Training steps."),
+            lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+            hidden_loss: float = typer.Option(1.0, help="Weight of the block-output MSE to the teacher."),
+            seed: int = typer.Option(0, help="Seed."),
+            trust_pickle: bool = typer.Option(False, "--trust-pickle")) -> None:
+    """PRepBN (LayerNorm -> BatchNorm, folded away at export) and optional SLA, distilled from the checkpoint."""
+    from edgeprep.recipe import ReparamConfig, parse_stage_options
+    from edgeprep.single_stage import apply_stage
+
+    cfg = parse_stage_options(ReparamConfig, {
+        "norm": norm, "attention": attention, "warmup_steps": warmup_steps, "decay_steps": decay_steps,
+        "steps": steps, "hidden_loss": hidden_loss, "train": {"lr": lr} if lr is not None else {}},
+        where="edgeprep reparam")
+    entry = apply_stage(ckpt, output, cfg, seed=seed, trust_pickle=trust_pickle)
+    notes = "; ".join(entry["notes"])
+    out.print(f"reparam: {notes}; {entry['metric']['name']} {entry['metric']['value']:.4f} -> {output}")
+
+
+@app.command()
 def qat(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
         output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
         weights: str = typer.Option("int8", help="Weight precision: int8 | int4 | ternary."),

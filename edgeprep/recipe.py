@@ -156,13 +156,50 @@ class QatConfig(StageConfig):
         return self
 
 
+class ReparamConfig(StageConfig):
+    """SLAB re-parameterization: LayerNorm -> PRepBN (folded away at export), optionally SLA attention."""
+
+    kind: Literal["reparam"] = "reparam"
+    # prepbn: progressive LN -> RepBN (the paper); repbn / bn: RepBN or plain BN from the first
+    # step (the paper's ablations: a direct swap is the one that may collapse)
+    norm: Literal["prepbn", "repbn", "bn"] = "prepbn"
+    attention: Literal["keep", "sla"] = "keep"  # sla: Simplified Linear Attention (edgeprep's ViTs)
+    warmup_steps: Optional[int] = Field(None, ge=0)  # lam = 1; None: 10% of the steps
+    decay_steps: Optional[int] = Field(None, ge=0)  # lam 1 -> 0 linearly; None: 50% of the steps
+    steps: Optional[int] = Field(None, ge=1)  # shorthand for train.steps
+    hidden_loss: float = Field(1.0, ge=0)  # weight of the MSE between teacher and student block outputs
+    distill: Optional[DistillConfig] = Field(default_factory=DistillConfig)  # KD on logits; null: labels only
+    train: TrainOverrides = Field(default_factory=TrainOverrides)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "ReparamConfig":
+        if self.steps is not None and self.train.steps is not None and self.steps != self.train.steps:
+            raise ValueError(f"steps ({self.steps}) and train.steps ({self.train.steps}) disagree; set one")
+        if self.norm != "prepbn" and (self.warmup_steps or self.decay_steps):
+            raise ValueError(f"warmup_steps / decay_steps apply to norm: prepbn, not {self.norm} "
+                             "(which has no LayerNorm to decay)")
+        return self
+
+    def resolved_steps(self, defaults: "TrainConfig") -> int:
+        return self.steps if self.steps is not None else self.train.resolve(defaults).steps
+
+    def schedule(self, steps: int) -> tuple[int, int]:
+        """(warmup_steps, decay_steps) for a stage of ``steps``: the configured ones, or 10% warmup
+        then 50% decay (lam reaches 0 at 60% of the steps, leaving 40% to train the pure-BN model)."""
+        if self.norm != "prepbn":
+            return 0, 0
+        warmup = self.warmup_steps if self.warmup_steps is not None else round(0.1 * steps)
+        decay = self.decay_steps if self.decay_steps is not None else round(0.5 * steps)
+        return warmup, decay
+
+
 # Stage kinds in the order they may appear. ``finetune`` may go anywhere; every other kind must
 # come after all kinds of a lower rank (e.g. prune before reparam before qat/binarize), and the
 # low-precision kinds are mutually exclusive. Later issues add their kinds here.
 STAGE_RANK: dict[str, int] = {"prune": 1, "reparam": 2, "qat": 3, "binarize": 3}
 EXCLUSIVE_KINDS: tuple[frozenset[str], ...] = (frozenset({"qat", "binarize"}),)
 
-STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig, PruneConfig, QatConfig)
+STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig, PruneConfig, ReparamConfig, QatConfig)
 STAGE_KINDS: tuple[str, ...] = tuple(c.model_fields["kind"].default for c in STAGE_CONFIGS)
 StageUnion = Annotated[Union[STAGE_CONFIGS], Field(discriminator="kind")]
 
@@ -263,6 +300,21 @@ class Recipe(Strict):
         for i, e in enumerate(self.export):
             if e.target != "onnx" and (e.ptq or e.mobile):
                 raise ValueError(f"export.{i}: `ptq` and `mobile` apply to target onnx only, not {e.target}")
+        sla_at = next((i for i, st in enumerate(self.stages)
+                       if isinstance(st, ReparamConfig) and st.attention == "sla"), None)
+        qat_at = next((i for i, st in enumerate(self.stages) if isinstance(st, QatConfig)), None)
+        if sla_at is not None and qat_at is not None:
+            raise ValueError(f"stages.{qat_at}: qat after reparam with attention: sla (stages.{sla_at}) is not "
+                             "supported yet (its quantizers and Teacher Intervention tap softmax attention); "
+                             "use attention: keep")
+        for i, st in enumerate(self.stages):
+            if isinstance(st, ReparamConfig) and st.norm == "prepbn":
+                steps = st.resolved_steps(self.train)
+                warmup, decay = st.schedule(steps)
+                if warmup + decay > steps:
+                    raise ValueError(f"stages.{i}: warmup_steps + decay_steps ({warmup} + {decay}) exceed the "
+                                     f"stage's {steps} steps, so LayerNorm would remain and nothing could be "
+                                     f"exported; raise steps or lower them")
         if self.gates.min_speedup is not None and not self.export:
             raise ValueError("gates.min_speedup needs at least one export target")
         return self

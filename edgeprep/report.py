@@ -5,7 +5,8 @@ Both views are rendered from one ``Document`` (titled tables of already-formatte
 Markdown and the HTML always show the same numbers. Missing measurements (``null``) render as "—";
 ``parity.sqnr_db: null`` means identical outputs and renders as "∞". Stages that pruned also get a
 "Pruning" section and a per-layer sparsity chart (``edgeprep.report_prune``); a qat stage gets a
-"Quantization-aware training" section (``edgeprep.report_qat``).
+"Quantization-aware training" section (``edgeprep.report_qat``), a reparam stage a
+"Re-parameterization" section (``edgeprep.report_reparam``).
 """
 from __future__ import annotations
 
@@ -123,6 +124,7 @@ _GATE_FORMAT = {
 def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = None) -> Document:
     from edgeprep.report_prune import prune_sections  # it imports this module's document model
     from edgeprep.report_qat import qat_sections
+    from edgeprep.report_reparam import reparam_sections
 
     passed = report.get("passed")
     gates = [g for g in report.get("gates") or [] if isinstance(g, Mapping)]
@@ -143,6 +145,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
         Section("Metric vs p50 latency", text=list(plot_notes or []), plot=True),
         _stages_section(report),
         *prune_sections(report),  # none without a stage that pruned
+        *reparam_sections(report),  # none without a reparam stage
         *qat_sections(report),  # none without a qat stage
         _model_section(report),
         _run_section(report),

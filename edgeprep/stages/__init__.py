@@ -10,6 +10,7 @@ from edgeprep.errors import BadInputError
 from edgeprep.stages.finetune import FinetuneStage
 from edgeprep.stages.prune import PruneStage
 from edgeprep.stages.qat import QatStage
+from edgeprep.stages.reparam import ReparamStage
 
 
 class Stage(Protocol):
@@ -18,7 +19,7 @@ class Stage(Protocol):
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module: ...
 
 
-STAGES: dict[str, type] = {"finetune": FinetuneStage, "prune": PruneStage, "qat": QatStage}
+STAGES: dict[str, type] = {"finetune": FinetuneStage, "prune": PruneStage, "reparam": ReparamStage, "qat": QatStage}
 
 
 def get_stage(config: Any) -> Stage:

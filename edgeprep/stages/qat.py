@@ -24,6 +24,7 @@ from edgeprep.quant.convert import QAT_KIND, quantize_model, tap_model
 from edgeprep.quant.fake import LsqQuantizer
 from edgeprep.quant.intervention import InterventionSchedule, TeacherInterventionModel, ti_loss_hook
 from edgeprep.recipe import QatConfig, TrainConfig
+from edgeprep.reparam.fold import fold_reparam, has_reparam
 from edgeprep.train import evaluate_accuracy, train
 
 DEFAULT_INTERVENTION_FRACTION = 0.1  # s = 10% of the steps when intervention_steps is unset
@@ -68,6 +69,9 @@ class QatStage:
         cfg = self.config
         ctx.require_classification("qat", "distils classification logits",
                                    "use the Python API (edgeprep.quant.intervention) with your own loss")
+        if any(d.get("kind") == "reparam" and d.get("sla") for d in ctx.decisions):
+            raise BadInputError("stage qat: the model has Simplified Linear Attention (reparam attention: sla); "
+                                "qat taps softmax attention and does not support it yet; reparam with attention: keep")
         if any(d.get("kind") == QAT_KIND for d in ctx.decisions):
             raise BadInputError("stage qat: the model is already quantized by an earlier qat stage; use one qat stage")
         train_cfg: TrainConfig = cfg.train.resolve(ctx.train)
@@ -81,6 +85,10 @@ class QatStage:
         val = ctx.data.val
         fp_val = evaluate_accuracy(model, val) if len(val.y) else None
 
+        # A reparam stage's PRepBN norms fold first: the weights QAT quantizes are the folded ones
+        # (folding after quantization would rescale integer weights off their grid).
+        if has_reparam(model):
+            ctx.decisions.append(fold_reparam(model, check_inputs=(ctx.data.calib[:CALIB_BATCH],)))
         decision = quantize_model(model, cfg.weights, cfg.activations, targets=cfg.targets, ignore=cfg.ignore)
         ctx.decisions.append(decision)
         calibrated = calibrate(model, ctx.data.calib)
