@@ -220,9 +220,14 @@ def test_sla_module_orders_agree_and_class_token_gets_no_conv():
     sla.order = "qk_first"
     b = sla(x)
     assert float((a - b).abs().max()) < 1e-5
-    v = torch.randn(2, 2, 65, 16)
-    local = sla._local(v)
-    assert float(local[:, :, 0].abs().max()) == 0.0 and float(local[:, :, 1:].abs().max()) > 0
+    v = torch.randn(2, 65, 32)  # [B, N, heads * head_dim]
+    local = sla._local(v).detach()
+    assert float(local[:, 0].abs().max()) == 0.0 and float(local[:, 1:].abs().max()) > 0
+    # the same as running each head through the shared [head_dim] depthwise conv separately
+    for h in range(2):
+        grid = v[:, 1:, h * 16:(h + 1) * 16].transpose(1, 2).reshape(2, 16, 8, 8)
+        per_head = sla.dwc(grid).flatten(2).transpose(1, 2).detach()
+        torch.testing.assert_close(local[:, 1:, h * 16:(h + 1) * 16], per_head, rtol=1e-5, atol=1e-6)
 
 
 def test_sla_starts_from_the_original_weights():

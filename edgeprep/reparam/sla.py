@@ -88,21 +88,27 @@ class SimplifiedLinearAttention(nn.Module):
         batch, tokens, _ = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         inner = heads * head_dim
-        q, k, v = self.qkv(x).split(inner, dim=-1)
+        q, k, v_tokens = self.qkv(x).split(inner, dim=-1)
         q = F.relu(q)
         k = F.relu(k + self.pos)
-        q, k, v = (t.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        out = linear_attention(q, k, v, self.order) + self._local(v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, inner))
+        q, k, v = (t.reshape(batch, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v_tokens))
+        out = linear_attention(q, k, v, self.order).transpose(1, 2).reshape(batch, tokens, inner)
+        return self.proj(out + self._local(v_tokens))
 
     def _local(self, v: torch.Tensor) -> torch.Tensor:
-        """Depthwise conv of V ([B, heads, N, d]) over the token grid (or the sequence), heads sharing filters."""
-        batch, heads, tokens, head_dim = v.shape
+        """Depthwise conv of V ([B, N, heads * head_dim], token-major) over the token grid (or the
+        sequence). The heads share one set of ``head_dim`` filters: the conv runs on all channels at
+        once with the filters tiled per head (channel h * head_dim + j uses filter j), which keeps V
+        in its token-major layout instead of folding heads into the batch."""
+        batch, tokens, channels = v.shape
         p = self.prefix_tokens
-        body = v[:, :, p:].reshape(batch * heads, tokens - p, head_dim).transpose(1, 2)  # [B*h, d, N-p]
+        weight = self.dwc.weight.repeat(self.num_heads, *([1] * (self.dwc.weight.dim() - 1)))
+        bias = self.dwc.bias.repeat(self.num_heads)
+        body = v[:, p:].transpose(1, 2)  # [B, C, N - p]
+        pad = self.dwc.padding
         if self.grid is not None:
-            conv = self.dwc(body.reshape(batch * heads, head_dim, *self.grid)).flatten(2)
+            conv = F.conv2d(body.reshape(batch, channels, *self.grid), weight, bias, padding=pad,
+                            groups=channels).flatten(2)
         else:
-            conv = self.dwc(body)
-        conv = conv.transpose(1, 2).reshape(batch, heads, tokens - p, head_dim)
-        return F.pad(conv, (0, 0, p, 0))  # prefix tokens (class token): no conv term
+            conv = F.conv1d(body, weight, bias, padding=pad, groups=channels)
+        return F.pad(conv.transpose(1, 2), (0, 0, p, 0))  # prefix tokens (class token): no conv term
