@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeprep-reparam-bench"))
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="with --resume: re-profile the saved ONNX artifacts of every seed (a quieter machine)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -82,9 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     data = load_data(DataConfig(source="digits32"))
     for seed in args.seeds:
-        if str(seed) in runs:
+        if str(seed) in runs or args.latency_only:
             continue
         runs[str(seed)] = run_seed(seed, data, args)
+        write_json_atomic(runs_file, runs)
+    if args.latency_only:
+        from edgeprep.validate import artifact_from_path  # the bare model.onnx
+
+        rt = get_runtime("onnxruntime")
+        for seed, run in runs.items():
+            loaded = {name: rt.load(artifact_from_path(args.work / f"seed{seed}" / f"onnx-{name}" / "model.onnx"),
+                                    threads=1) for name in ("ln", *CONVERTED)}
+            profile_rounds(loaded, run["ort"], np.ascontiguousarray(data.test.x[:1].numpy()), args)
         write_json_atomic(runs_file, runs)
     text = render(runs, args, time.perf_counter() - t_start)
     print(text)
@@ -166,14 +177,20 @@ def measure_ort(base, converted: dict, data, args, seed: int) -> dict[str, Any]:
                       "output_max_abs": float(np.abs(ref).max()), "bytes": art.size_bytes,
                       "norm_ops": sum(ops[k] for k in ("LayerNormalization", "BatchNormalization")),
                       "softmax_ops": ops["Softmax"], "nodes": sum(ops.values()), "p50s": []}
-    x1 = np.ascontiguousarray(x_test[:1])
+    profile_rounds(loaded, rows, np.ascontiguousarray(x_test[:1]), args)
+    return rows
+
+
+def profile_rounds(loaded: dict, rows: dict, x1: np.ndarray, args) -> None:
+    """p50 per artifact in interleaved rounds (LN, PRepBN, PRepBN+SLA, LN, ...); the median of the rounds."""
+    for name in loaded:
+        rows[name]["p50s"] = []
     for _ in range(args.rounds):
         for name in loaded:
             rows[name]["p50s"].append(loaded[name].profile([x1], warmup=30, iters=args.iters).p50_ms)
     for name in loaded:
         rows[name]["p50"] = statistics.median(rows[name]["p50s"])
     rows["load_avg"] = os.getloadavg()[0]
-    return rows
 
 
 def _mean_sd(xs: list[float], k: float = 100) -> str:
@@ -190,7 +207,8 @@ def render(runs: dict, args, seconds: float) -> str:
         "",
         f"Command: `.venv/bin/python benchmarks/reparam_table.py --seeds {' '.join(seeds)} --steps {args.steps} "
         f"--convert-steps {args.convert_steps} --eval-every {args.eval_every} --iters {args.iters} "
-        f"--rounds {args.rounds}`  ",
+        f"--rounds {args.rounds}`" + (" (latency re-measured with `--resume --latency-only`)" if args.latency_only
+                                      else "") + "  ",
         f"Date: {time.strftime('%Y-%m-%d')}. Machine: {cpu_name()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}. "
         f"Wall time of this invocation: {seconds / 60:.1f} min.  ",
