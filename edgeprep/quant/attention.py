@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from edgeprep.binary.binarizers import ElasticBinarizer
 from edgeprep.quant.fake import LsqQuantizer
 
 MODES = ("m", "c", "o")  # TI-M (probs), TI-C (context), TI-O (attention output)
@@ -59,11 +60,16 @@ def _maybe(quantizer: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
 class _TappedAttention(nn.Module):
     """Common parts: the four activation quantizers and the tap plumbing."""
 
-    def __init__(self, layer: int, quantize: bool):
+    def __init__(self, layer: int, quantize: bool | str):
         super().__init__()
         self.layer = layer
-        make = (lambda: LsqQuantizer(8)) if quantize else (lambda: None)
-        self.q_quant, self.k_quant, self.v_quant, self.p_quant = make(), make(), make(), make()
+        if quantize == "binary":  # BiPFT: signed elastic Q, K, V; unsigned {0, alpha} probabilities
+            self.q_quant, self.k_quant, self.v_quant = (ElasticBinarizer(signed=True) for _ in range(3))
+            self.p_quant = ElasticBinarizer(signed=False)
+        else:
+            make = (lambda: LsqQuantizer(8)) if quantize else (lambda: None)
+            self.q_quant, self.k_quant, self.v_quant, self.p_quant = make(), make(), make(), make()
+        self.estimators: Optional[nn.Module] = None  # binarize: ResidualEstimators of the binarization residual
         self.taps: Optional[Taps] = None
 
     def tap(self, point: str, x: torch.Tensor) -> torch.Tensor:
@@ -75,10 +81,18 @@ class _TappedAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                mask: Optional[torch.Tensor] = None, after_probs: Optional[nn.Module] = None,
-               head_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """softmax(Q K^T * scale + mask) V on [B, heads, T, d] tensors -> (context [B, heads, T, d], probs)."""
+               head_mask: Optional[torch.Tensor] = None,
+               x_est: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """softmax(Q K^T * scale + mask) V on [B, heads, T, d] tensors -> (context [B, heads, T, d], probs).
+
+        With estimators, ``x_est`` (the un-binarized attention input) feeds them: their score terms
+        join Q K^T before the scale, their value term joins the context through the probabilities.
+        """
         q, k, v = _maybe(self.q_quant, q), _maybe(self.k_quant, k), _maybe(self.v_quant, v)
-        scores = self.tap("scores", (q @ k.transpose(-2, -1)) * scale)
+        raw = q @ k.transpose(-2, -1)
+        if self.estimators is not None:
+            raw = raw + self.estimators.scores(x_est)
+        scores = self.tap("scores", raw * scale)
         if mask is not None:
             scores = scores + mask
         probs = _maybe(self.p_quant, scores.softmax(dim=-1))
@@ -87,13 +101,16 @@ class _TappedAttention(nn.Module):
             probs = after_probs(probs)
         if head_mask is not None:
             probs = probs * head_mask
-        return probs @ v, probs
+        context = probs @ v
+        if self.estimators is not None:
+            context = context + probs @ self.estimators.value(x_est)
+        return context, probs
 
 
 class QatViTAttention(_TappedAttention):
     """edgeprep.models.vit.Attention with quantizers and taps; keeps its qkv / proj / attn_probs."""
 
-    def __init__(self, src: nn.Module, layer: int, quantize: bool):
+    def __init__(self, src: nn.Module, layer: int, quantize: bool | str):
         super().__init__(layer, quantize)
         self.num_heads, self.head_dim, self.scale = src.num_heads, src.head_dim, src.scale
         self.qkv, self.attn_probs, self.proj = src.qkv, src.attn_probs, src.proj
@@ -111,7 +128,8 @@ class QatViTAttention(_TappedAttention):
                 _, _, v = self._split(self.qkv(x))
         else:
             q, k, v = self._split(self.qkv(x))
-        context, _ = self.attend(q, k, v, self.scale, after_probs=self.attn_probs)
+        context, _ = self.attend(q, k, v, self.scale, after_probs=self.attn_probs,
+                                 x_est=x.detach() if taps is not None else x)
         context = context.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
         context = self.tap("context", context)
         return self.tap("out", self.proj(context))
@@ -121,7 +139,7 @@ class QatBertSelfAttention(_TappedAttention):
     """A Hugging Face BertSelfAttention (eager or SDPA class) for encoders: no cache, no cross-attention,
     absolute positions. Returns (context, probs) as transformers' layer expects."""
 
-    def __init__(self, src: nn.Module, layer: int, quantize: bool):
+    def __init__(self, src: nn.Module, layer: int, quantize: bool | str):
         super().__init__(layer, quantize)
         kind = getattr(src, "position_embedding_type", "absolute")
         if kind != "absolute":
@@ -150,7 +168,7 @@ class QatBertSelfAttention(_TappedAttention):
             attention_mask = torch.zeros_like(attention_mask, dtype=q.dtype).masked_fill(
                 ~attention_mask, torch.finfo(q.dtype).min)
         context, probs = self.attend(q, k, v, 1.0 / math.sqrt(self.attention_head_size), attention_mask,
-                                     self.dropout, head_mask)
+                                     self.dropout, head_mask, x_est=x_qk)
         batch, tokens = context.shape[0], context.shape[2]
         context = context.permute(0, 2, 1, 3).reshape(batch, tokens, self.all_head_size)
         return self.tap("context", context), probs
