@@ -136,3 +136,42 @@ def test_binary_attention_with_estimators_equals_the_formula():
     torch.testing.assert_close(out, ref)
     out.sum().backward()
     assert all(p.grad is not None for p in attn.estimators.parameters())
+
+
+def test_binarize_vit_keeps_head_and_patch_conv_float_and_replays():
+    from edgeprep.binary.convert import binarize_model, replay_binarize
+    from edgeprep.models.vit import ViT
+
+    torch.manual_seed(0)
+    model = ViT(image_size=8, patch_size=2, dim=32, depth=2, heads=2)
+    decision = binarize_model(model, "binary", estimator_rank=1)
+    assert decision["head"] == "head" and "head" not in decision["linears"]
+    assert len(decision["linears"]) == 2 * 4 and len(decision["attentions"]) == 2
+    assert type(model.head) is nn.Linear and type(model.patch_embed.proj) is nn.Conv2d
+    assert all(isinstance(model.get_submodule(n), BinaryLinear) for n in decision["linears"])
+    x = torch.randn(4, 1, 8, 8)
+    model.train()
+    model(x)  # the first batch sets every binarizer's alpha
+    model.eval()
+    ref = model(x)
+    rebuilt = replay_binarize(ViT(image_size=8, patch_size=2, dim=32, depth=2, heads=2), decision)
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(x), ref)
+    with pytest.raises(Exception, match="already quantized or binarized"):
+        binarize_model(model)
+
+
+def test_binarize_bert_binarizes_word_embeddings_and_pooler_not_positions():
+    transformers = pytest.importorskip("transformers")
+    from edgeprep.binary.convert import binarize_model
+
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg)
+    decision = binarize_model(model, "binary", estimator_rank=1)
+    assert decision["head"] == "classifier" and "bert.pooler.dense" in decision["linears"]
+    assert decision["embeddings"] == ["bert.embeddings.word_embeddings"]
+    assert type(model.bert.embeddings.position_embeddings) is nn.Embedding
+    out = model(input_ids=torch.randint(0, 40, (2, 6)), attention_mask=torch.ones(2, 6, dtype=torch.long)).logits
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
