@@ -33,6 +33,7 @@ from edgeprep.pruning.conv import CHANNELS_KIND, apply_channels_decision
 from edgeprep.pruning.surgery import HEADS_KIND, MLP_KIND
 from edgeprep.pruning.surgery import apply_decision as apply_pruning_decision
 from edgeprep.quant.convert import QAT_KIND, replay_qat
+from edgeprep.binary.convert import BINARIZE_KIND, replay_binarize
 from edgeprep.recipe import ModelConfig
 from edgeprep.reparam.fold import FOLD_KIND, replay_fold
 from edgeprep.reparam.surgery import REPARAM_KIND, replay_reparam
@@ -51,6 +52,7 @@ DECISION_REPLAYERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {
     CHANNELS_KIND: apply_channels_decision,  # internal channels removed from a residual CNN block
     REPARAM_KIND: replay_reparam,  # LayerNorm -> PRepBN / RepBN / BN, ViT attention -> SLA
     FOLD_KIND: replay_fold,  # PRepBN folded: -> Identity (into its Linears) or a per-channel affine
+    BINARIZE_KIND: replay_binarize,  # Linears -> BinaryLinear, attention -> binary + estimators, word embeddings
     QAT_KIND: replay_qat,  # Linears -> QuantLinear, attention -> quantized / tapped attention
 }
 

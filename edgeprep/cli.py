@@ -192,6 +192,30 @@ def qat(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
 
 
 @app.command()
+def binarize(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
+             output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
+             activations: str = typer.Option("binary", help="Activation precision: binary | int8 | none."),
+             estimator_rank: int = typer.Option(1, help="Rank of the residual estimators (0: off)."),
+             intervention: str = typer.Option("none", help="Teacher Intervention: none | m | c | o | gradual."),
+             steps: int = typer.Option(300, help="Training steps."),
+             lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+             label_loss: float = typer.Option(0.0, help="Weight of the ground-truth loss (0: distillation only)."),
+             seed: int = typer.Option(0, help="Seed."),
+             trust_pickle: bool = typer.Option(False, "--trust-pickle")) -> None:
+    """BiPFT binarization (binary weights and activations, residual estimators), distilled from the checkpoint."""
+    from edgeprep.recipe import BinarizeConfig, parse_stage_options
+    from edgeprep.single_stage import apply_stage
+
+    cfg = parse_stage_options(BinarizeConfig, {
+        "activations": activations, "estimator_rank": estimator_rank, "intervention": intervention,
+        "steps": steps, "label_loss": label_loss, "train": {"lr": lr} if lr is not None else {}},
+        where="edgeprep binarize")
+    entry = apply_stage(ckpt, output, cfg, seed=seed, trust_pickle=trust_pickle)
+    note = entry["notes"][-1] if entry["notes"] else ""
+    out.print(f"binarize: {note}; {entry['metric']['name']} {entry['metric']['value']:.4f} -> {output}")
+
+
+@app.command()
 def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
            target: str = typer.Option(..., "--target", "-t", help="Export target, e.g. onnx."),
            output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),

@@ -193,13 +193,39 @@ class ReparamConfig(StageConfig):
         return warmup, decay
 
 
+class BinarizeConfig(StageConfig):
+    """BiPFT binarization: binary weights, binary / int8 / float activations, low-rank estimators."""
+
+    kind: Literal["binarize"] = "binarize"
+    weights: Literal["binary"] = "binary"  # BWN: sign(W - mean W) * mean|W|
+    activations: Literal["binary", "int8", "none"] = "binary"  # Linear inputs, Q, K, V, attention probs
+    estimator_rank: int = Field(1, ge=0)  # rank of the residual estimators; 0 turns them off
+    keep_head: bool = True  # the classifier head (last Linear) stays full precision
+    intervention: Literal["none", "m", "c", "o", "gradual"] = "none"  # Teacher Intervention (qat's)
+    intervention_steps: Optional[int] = Field(None, ge=0)  # None: 10% of the steps when intervention is on
+    steps: Optional[int] = Field(None, ge=1)  # shorthand for train.steps
+    # BiPFT distils hidden states (MSE) and logits (soft CE); attention terms are off by default
+    loss_weights: QatLossWeights = Field(default_factory=lambda: QatLossWeights(scores=0.0, attn_out=0.0))
+    label_loss: float = Field(0.0, ge=0)  # weight of ground-truth cross-entropy
+    train: TrainOverrides = Field(default_factory=TrainOverrides)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "BinarizeConfig":
+        if self.steps is not None and self.train.steps is not None and self.steps != self.train.steps:
+            raise ValueError(f"steps ({self.steps}) and train.steps ({self.train.steps}) disagree; set one")
+        if self.intervention_steps and self.intervention == "none":
+            raise ValueError("intervention_steps is set but intervention is none; set intervention: gradual|m|c|o")
+        return self
+
+
 # Stage kinds in the order they may appear. ``finetune`` may go anywhere; every other kind must
 # come after all kinds of a lower rank (e.g. prune before reparam before qat/binarize), and the
 # low-precision kinds are mutually exclusive. Later issues add their kinds here.
 STAGE_RANK: dict[str, int] = {"prune": 1, "reparam": 2, "qat": 3, "binarize": 3}
 EXCLUSIVE_KINDS: tuple[frozenset[str], ...] = (frozenset({"qat", "binarize"}),)
 
-STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig, PruneConfig, ReparamConfig, QatConfig)
+STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig, PruneConfig, ReparamConfig, QatConfig,
+                                                 BinarizeConfig)
 STAGE_KINDS: tuple[str, ...] = tuple(c.model_fields["kind"].default for c in STAGE_CONFIGS)
 StageUnion = Annotated[Union[STAGE_CONFIGS], Field(discriminator="kind")]
 
@@ -315,6 +341,9 @@ class Recipe(Strict):
                     raise ValueError(f"stages.{i}: warmup_steps + decay_steps ({warmup} + {decay}) exceed the "
                                      f"stage's {steps} steps, so LayerNorm would remain and nothing could be "
                                      f"exported; raise steps or lower them")
+        if self.export and any(isinstance(st, BinarizeConfig) for st in self.stages):
+            raise ValueError("export: binarized models cannot be exported yet (the bit-packed ONNX export is "
+                             "still to come); remove `export:` to train and evaluate the binarized model in PyTorch")
         if self.gates.min_speedup is not None and not self.export:
             raise ValueError("gates.min_speedup needs at least one export target")
         return self

@@ -7,6 +7,7 @@ import torch
 
 from edgeprep.context import Context
 from edgeprep.errors import BadInputError
+from edgeprep.stages.binarize import BinarizeStage
 from edgeprep.stages.finetune import FinetuneStage
 from edgeprep.stages.prune import PruneStage
 from edgeprep.stages.qat import QatStage
@@ -19,7 +20,8 @@ class Stage(Protocol):
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module: ...
 
 
-STAGES: dict[str, type] = {"finetune": FinetuneStage, "prune": PruneStage, "reparam": ReparamStage, "qat": QatStage}
+STAGES: dict[str, type] = {"finetune": FinetuneStage, "prune": PruneStage, "reparam": ReparamStage, "qat": QatStage,
+                         "binarize": BinarizeStage}
 
 
 def get_stage(config: Any) -> Stage:

@@ -61,6 +61,42 @@ def calibrate(model: torch.nn.Module, inputs: torch.Tensor, batch: int = CALIB_B
     return sum(bool(q.initialized) for q in quantizers)
 
 
+def tapped_teacher(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+    """A frozen copy of the stage's teacher (or of ``model``) with tapped attention layers."""
+    teacher = copy.deepcopy(ctx.teacher if ctx.teacher is not None else model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    tap_model(teacher)
+    return teacher
+
+
+def distil_with_intervention(model: torch.nn.Module, teacher: torch.nn.Module, ctx: Context,
+                             train_cfg: TrainConfig, intervention: str, s: int, loss_weights: dict[str, float],
+                             label_loss: float, description: str):
+    """Train ``model`` from ``teacher`` (both with tapped attention) through the shared loop:
+    intervention for ``s`` steps, then plain distillation; returns (TrainResult, schedule).
+    The qat and binarize stages share it."""
+    val = ctx.data.val
+    schedule = InterventionSchedule(intervention, s)
+    wrapper = TeacherInterventionModel(model, teacher, schedule)
+    eval_fn = (lambda m: {"val_accuracy": evaluate_accuracy(m, val)}) if len(val.y) and train_cfg.eval_every \
+        else None
+    try:
+        result = train(wrapper, ctx.data.train, train_cfg, seed=ctx.seed,
+                       loss_hooks=[ti_loss_hook(wrapper, loss_weights)], step_callbacks=[wrapper.on_step],
+                       eval_fn=eval_fn, progress=ctx.progress, description=description,
+                       last_good_path=ctx.stage_dir / LAST_GOOD_NAME if ctx.stage_dir else None,
+                       label_weight=label_loss)
+    finally:
+        wrapper.close()
+    return result, schedule
+
+
+def history_with_modes(result: Any, schedule: InterventionSchedule) -> list[dict[str, Any]]:
+    """Each optimizer step with the intervention point it ran under ("none": plain distillation)."""
+    return [{**_slim(h), "intervention": schedule.mode(h["step"] - 1) or "none"} for h in result.history]
+
+
 class QatStage:
     def __init__(self, config: QatConfig):
         self.config = config
@@ -72,16 +108,16 @@ class QatStage:
         if any(d.get("kind") == "reparam" and d.get("sla") for d in ctx.decisions):
             raise BadInputError("stage qat: the model has Simplified Linear Attention (reparam attention: sla); "
                                 "qat taps softmax attention and does not support it yet; reparam with attention: keep")
+        if any(d.get("kind") == "binarize" for d in ctx.decisions):
+            raise BadInputError("stage qat: the model is binarized (an earlier binarize stage); qat and binarize "
+                                "are exclusive: start from the float checkpoint")
         if any(d.get("kind") == QAT_KIND for d in ctx.decisions):
             raise BadInputError("stage qat: the model is already quantized by an earlier qat stage; use one qat stage")
         train_cfg: TrainConfig = cfg.train.resolve(ctx.train)
         if cfg.steps is not None:
             train_cfg = train_cfg.model_copy(update={"steps": cfg.steps})
         s = intervention_steps(cfg, train_cfg.steps)
-        teacher = copy.deepcopy(ctx.teacher if ctx.teacher is not None else model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        tap_model(teacher)
+        teacher = tapped_teacher(model, ctx)
         val = ctx.data.val
         fp_val = evaluate_accuracy(model, val) if len(val.y) else None
 
@@ -94,18 +130,9 @@ class QatStage:
         calibrated = calibrate(model, ctx.data.calib)
         calib_val = evaluate_accuracy(model, val) if len(val.y) else None
 
-        schedule = InterventionSchedule(cfg.intervention, s)
-        wrapper = TeacherInterventionModel(model, teacher, schedule)
-        eval_fn = (lambda m: {"val_accuracy": evaluate_accuracy(m, val)}) if len(val.y) and train_cfg.eval_every \
-            else None
-        try:
-            result = train(wrapper, ctx.data.train, train_cfg, seed=ctx.seed, loss_hooks=[ti_loss_hook(
-                wrapper, cfg.loss_weights.model_dump())], step_callbacks=[wrapper.on_step], eval_fn=eval_fn,
-                progress=ctx.progress, description=f"qat {cfg.weights}",
-                last_good_path=ctx.stage_dir / LAST_GOOD_NAME if ctx.stage_dir else None,
-                label_weight=cfg.label_loss)
-        finally:
-            wrapper.close()
+        result, schedule = distil_with_intervention(
+            model, teacher, ctx, train_cfg, cfg.intervention, s, cfg.loss_weights.model_dump(), cfg.label_loss,
+            description=f"qat {cfg.weights}")
         model.eval()
         final_val = evaluate_accuracy(model, val) if len(val.y) else None
         ctx.report.metrics["qat"] = {
@@ -115,9 +142,7 @@ class QatStage:
             "quantized_linears": len(decision["linears"]), "attention_layers": len(decision["attentions"]),
             "activation_quantizers": calibrated,
             "val_accuracy": {"fp32": fp_val, "calibrated": calib_val, "trained": final_val},
-            # each optimizer step with the intervention point it ran under ("none": KD-QAT)
-            "history": [{**_slim(h), "intervention": schedule.mode(h["step"] - 1) or "none"}
-                        for h in result.history],
+            "history": history_with_modes(result, schedule),
         }
         ctx.report.note(f"QAT {cfg.weights} weights / {cfg.activations} activations on {len(decision['linears'])} "
                         f"Linears, {calibrated} activation quantizers; intervention {cfg.intervention} for {s} of "
