@@ -341,9 +341,6 @@ class Recipe(Strict):
                     raise ValueError(f"stages.{i}: warmup_steps + decay_steps ({warmup} + {decay}) exceed the "
                                      f"stage's {steps} steps, so LayerNorm would remain and nothing could be "
                                      f"exported; raise steps or lower them")
-        if self.export and any(isinstance(st, BinarizeConfig) for st in self.stages):
-            raise ValueError("export: binarized models cannot be exported yet (the bit-packed ONNX export is "
-                             "still to come); remove `export:` to train and evaluate the binarized model in PyTorch")
         if self.gates.min_speedup is not None and not self.export:
             raise ValueError("gates.min_speedup needs at least one export target")
         return self

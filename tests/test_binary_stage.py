@@ -1,5 +1,6 @@
 """The binarize stage through `edgeprep run` and `edgeprep binarize`: surgery, distillation, replay,
-and the recipe refusing an export that does not exist yet."""
+and the exported ONNX (INT2 binary weights in MatMulNBits, 1-bit activations as GreaterOrEqual +
+Where) matching the PyTorch binarized model on ONNX Runtime."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import error_lines, finished_run, run_cli
+from conftest import finished_run, run_cli
 
 BINARIZE_RECIPE = """\
 name: binarize-e2e
@@ -24,6 +25,11 @@ stages:
     intervention: gradual
     intervention_steps: 12
     train: {lr: 0.001, warmup_steps: 5}
+export:
+  - target: onnx
+validate:
+  split: test
+  profile: {warmup: 5, iters: 30}
 """
 
 
@@ -58,7 +64,29 @@ def test_binarize_stage_trains_a_w1a1_model_that_replays(tmp_path_factory):
     assert set(seen["x"].unique().tolist()) <= {-alpha, alpha}  # fc2 really sees 1-bit inputs
 
 
-def test_binarize_cli_and_export_refused(fast_run, tmp_path):
+@pytest.mark.slow
+def test_binary_onnx_runs_int2_matmulnbits_and_matches_pytorch(tmp_path_factory):
+    import collections
+
+    import onnx
+
+    run = finished_run(tmp_path_factory, "binarize", BINARIZE_RECIPE) / "run"
+    report = json.loads((run / "report.json").read_text())
+    art = {a["name"]: a for a in report["artifacts"]}["onnx"]
+    assert art["parity"]["top1_agreement"] >= 0.99 and art["parity"]["sqnr_db"] >= 40.0
+    assert art["precision"]["ops"]["MatMulNBits"] == 12  # every binary Linear on the packed kernel
+    proto = onnx.load(str(run / "artifacts" / "onnx" / "model.onnx"))
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    # 12 binary Linear inputs + Q, K, V of 3 layers: 1-bit activations; 3 unsigned probability binarizers
+    assert ops["Where"] == ops["GreaterOrEqual"] == 12 + 3 * 3 and ops["Round"] == 3
+    int2 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT2]
+    assert len(int2) == 12
+    binary = art["info"]["quantized_graph"]["binary"]
+    assert binary["binary_weights"] == sum(int(np.prod(t.dims)) for t in int2)
+    assert binary["binary_weight_bytes_on_disk"] == binary["binary_weights"] // 4  # 2 bits each
+
+
+def test_binarize_cli(fast_run, tmp_path):
     ckpt = fast_run / "stages" / "0-finetune" / "checkpoint"
     out = tmp_path / "bin"
     proc = run_cli("binarize", str(ckpt), "-o", str(out), "--steps", "3", "--estimator-rank", "0")
@@ -66,9 +94,3 @@ def test_binarize_cli_and_export_refused(fast_run, tmp_path):
     decision = json.loads((out / "checkpoint.json").read_text())["decisions"][-1]
     assert decision["kind"] == "binarize" and decision["estimator_rank"] == 0
 
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: bad\nmodel: {source: vit-tiny-digits}\nstages:\n  - {kind: binarize}\n"
-                      "export:\n  - target: onnx\n")
-    proc = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
-    assert proc.returncode == 2
-    assert "binarized models cannot be exported yet" in error_lines(proc)[0]

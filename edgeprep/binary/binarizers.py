@@ -100,6 +100,14 @@ class ElasticBinarizer(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            # Inference (and export): the same numbers as plain ops, no autograd.Function in the graph,
+            # and no read of the ``initialized`` buffer (torch.export cannot branch on a tensor). An
+            # eval-mode forward before any training / calibration forward uses alpha's start value 1.
+            alpha = self.alpha.detach().clamp_min(1e-5)
+            if self.signed:
+                return torch.where(x >= 0, alpha, -alpha)
+            return torch.clamp(torch.round(x / alpha), 0, 1) * alpha
         if not bool(self.initialized):
             self.init_from(x)
         alpha = self.alpha.clamp_min(1e-5)

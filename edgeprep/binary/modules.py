@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeprep.binary.binarizers import ElasticBinarizer, LearnableBias, binarize_weight
+from edgeprep.binary.binarizers import ElasticBinarizer, LearnableBias, binarize_weight, bwn_parts
 from edgeprep.errors import BadInputError
 from edgeprep.quant.fake import LsqQuantizer
 
@@ -39,6 +39,7 @@ class BinaryLinear(nn.Linear):
         self.move: Optional[LearnableBias] = LearnableBias(in_features) if activations == "binary" else None
         self.act: Optional[nn.Module] = (ElasticBinarizer(signed=True) if activations == "binary"
                                          else LsqQuantizer(8) if activations == "int8" else None)
+        self.exporting = False  # edgeprep.quant.export: DQ(binary codes) -> MatMul (-> INT2 MatMulNBits)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activations: str) -> "BinaryLinear":
@@ -54,13 +55,38 @@ class BinaryLinear(nn.Linear):
     def w1a1(self) -> bool:
         return self.activations == "binary"
 
+    @property
+    def weight_bits(self) -> int:
+        """Storage bits per weight in the exported file: INT2, the smallest ONNX integer type that
+        holds -1 and +1 (ONNX has no 1-bit type); ORT's MatMulNBits keeps it packed at run time."""
+        return 2
+
+    @torch.no_grad()
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes int8 [out, in] in {-1, +1}, scales float [out]): codes * scales[:, None] is the
+        binarized weight the forward uses (one BWN scale per tensor, repeated per row)."""
+        signs, scale = bwn_parts(self.weight.detach())
+        return signs.to(torch.int8), scale.expand(self.out_features).clone().float().clamp_min(1e-12)
+
     def binary_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.move is not None:
             x = self.move(x)
         return self.act(x) if self.act is not None else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:
+            return self._export_forward(x)
         return F.linear(self.binary_input(x), binarize_weight(self.weight), self.bias)
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from edgeprep.quant.linear import STORAGE_RANGE, _decomposed_ops
+
+        qd = _decomposed_ops()
+        # Buffers registered by edgeprep.quant.export.exporting(): codes int8 [in, out], scales [out].
+        zeros = torch.zeros_like(self.qweight_scale, dtype=torch.int64)
+        w = qd.dequantize_per_channel(self.qweight, self.qweight_scale, zeros, 1, *STORAGE_RANGE, torch.int8)
+        y = torch.matmul(self.binary_input(x), w)
+        return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", weights=binary, activations={self.activations}"

@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from edgeprep.binary.binarizers import ElasticBinarizer
+from edgeprep.binary.modules import BinaryLinear
 from edgeprep.quant.fake import LsqQuantizer
 from edgeprep.quant.linear import QuantLinear
 
@@ -20,7 +22,7 @@ EXPORT_BUFFERS = ("qweight", "qweight_scale", "qbias", "qbias_scale")
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, QuantLinear) for m in model.modules())
+    return any(isinstance(m, (QuantLinear, BinaryLinear)) for m in model.modules())
 
 
 def _switchable(model: nn.Module) -> list[nn.Module]:
@@ -34,13 +36,13 @@ def exporting(model: nn.Module) -> Iterator[bool]:
     if not switchable:
         yield False
         return
-    linears = [m for m in switchable if isinstance(m, QuantLinear)]
+    linears = [m for m in switchable if isinstance(m, (QuantLinear, BinaryLinear))]
     try:
         for m in linears:
             codes, scales = m.integer_weight()
             m.register_buffer("qweight", codes.t().contiguous())
             m.register_buffer("qweight_scale", scales)
-            bias = m.integer_bias()
+            bias = m.integer_bias() if isinstance(m, QuantLinear) else None
             if bias is not None:
                 m.register_buffer("qbias", bias[0])
                 m.register_buffer("qbias_scale", bias[1])
@@ -59,7 +61,9 @@ def exporting(model: nn.Module) -> Iterator[bool]:
 
 def quantization_summary(model: nn.Module) -> dict[str, Any]:
     """What the artifact's manifest says about its quantization."""
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    modes = sorted({m.weight_mode for m in linears})
-    acts = sum(1 for m in _switchable(model) if not isinstance(m, QuantLinear))
-    return {"weights": modes, "quantized_linears": len(linears), "activation_quantizers": acts}
+    linears = [m for m in model.modules() if isinstance(m, (QuantLinear, BinaryLinear))]
+    modes = sorted({getattr(m, "weight_mode", "binary") for m in linears})
+    acts = sum(1 for m in _switchable(model) if not isinstance(m, (QuantLinear, BinaryLinear)))
+    binarizers = sum(1 for m in model.modules() if isinstance(m, ElasticBinarizer))
+    return {"weights": modes, "quantized_linears": len(linears), "activation_quantizers": acts,
+            "activation_binarizers": binarizers}

@@ -17,14 +17,21 @@ from typing import Any
 
 from torch import nn
 
+from edgeprep.binary.modules import BinaryLinear
+from edgeprep.quant.fake import LsqQuantizer
 from edgeprep.quant.linear import QuantLinear
 from edgeprep.quant.nbits import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, to_weight_only_nbits
 
 
 def weight_only_bits(model: nn.Module) -> dict[str, int]:
     """Initializer name -> bits for int4 / ternary Linears without an activation quantizer."""
-    return {f"{name}.qweight": m.weight_bits for name, m in model.named_modules()
+    bits = {f"{name}.qweight": m.weight_bits for name, m in model.named_modules()
             if isinstance(m, QuantLinear) and m.weight_bits < 8 and m.act is None}
+    # Binary Linears with binary (or float) inputs: the input is a float tensor of +-alpha, so the
+    # weight-only MatMulNBits kernel applies; with int8 inputs the Q/DQ keeps them on int8 kernels.
+    bits.update({f"{name}.qweight": m.weight_bits for name, m in model.named_modules()
+                 if isinstance(m, BinaryLinear) and not isinstance(m.act, LsqQuantizer)})
+    return bits
 
 
 def finish_quantized_onnx(path: Path, model: nn.Module) -> dict[str, Any]:
@@ -37,5 +44,9 @@ def finish_quantized_onnx(path: Path, model: nn.Module) -> dict[str, Any]:
     if bits:
         proto, nbits = to_weight_only_nbits(proto, bits, DEFAULT_BLOCK_SIZE)
         info["nbits"] = nbits
+    if any(isinstance(m, BinaryLinear) for m in model.modules()):
+        from edgeprep.binary.export import binary_summary
+
+        info["binary"] = binary_summary(proto, model)
     onnx.save_model(proto, str(path))
     return info
