@@ -6,7 +6,8 @@ Markdown and the HTML always show the same numbers. Missing measurements (``null
 ``parity.sqnr_db: null`` means identical outputs and renders as "∞". Stages that pruned also get a
 "Pruning" section and a per-layer sparsity chart (``edgeprep.report_prune``); a qat stage gets a
 "Quantization-aware training" section (``edgeprep.report_qat``), a reparam stage a
-"Re-parameterization" section (``edgeprep.report_reparam``).
+"Re-parameterization" section (``edgeprep.report_reparam``), a binarize stage a "Binarization" section
+(``edgeprep.report_binarize``).
 """
 from __future__ import annotations
 
@@ -123,6 +124,7 @@ _GATE_FORMAT = {
 # ----------------------------------------------------------------------------- document
 def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = None) -> Document:
     from edgeprep.report_prune import prune_sections  # it imports this module's document model
+    from edgeprep.report_binarize import binarize_sections
     from edgeprep.report_qat import qat_sections
     from edgeprep.report_reparam import reparam_sections
 
@@ -147,6 +149,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
         *prune_sections(report),  # none without a stage that pruned
         *reparam_sections(report),  # none without a reparam stage
         *qat_sections(report),  # none without a qat stage
+        *binarize_sections(report),  # none without a binarize stage
         _model_section(report),
         _run_section(report),
         _latency_section(arts),

@@ -84,6 +84,8 @@ def test_binary_onnx_runs_int2_matmulnbits_and_matches_pytorch(tmp_path_factory)
     binary = art["info"]["quantized_graph"]["binary"]
     assert binary["binary_weights"] == sum(int(np.prod(t.dims)) for t in int2)
     assert binary["binary_weight_bytes_on_disk"] == binary["binary_weights"] // 4  # 2 bits each
+    md = (run / "report.md").read_text()
+    assert "## Binarization" in md and f"{binary['binary_weights']:,} binary weights stored as INT2" in md
 
 
 def test_binarize_cli(fast_run, tmp_path):

@@ -1,0 +1,72 @@
+"""The "Binarization" part of the report: one section per stage entry carrying ``details.binarize``
+(written by ``edgeprep.stages.binarize``), plus what each binarized artifact stores, in bytes.
+
+It states the settings (activation precision, estimator rank, intervention, loss weights), the
+validation accuracy of the fp32 teacher, right after binarizing (calibrated scales) and after
+training, a sampled loss history, and for every binarized artifact the binary weights' storage:
+INT2 on disk (2 bits per weight, ONNX has no 1-bit type) beside the ideal 1-bit size.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from edgeprep.report import Section, Table, _get, _text, fmt, fmt_int
+
+HISTORY_ROWS = 8
+
+
+def binarize_entries(report: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
+    stages = [s for s in report.get("stages") or [] if isinstance(s, Mapping)]
+    return [(i, b) for i, s in enumerate(stages) if isinstance(b := _get(s, "details", "binarize"), Mapping)]
+
+
+def _settings(b: Mapping[str, Any]) -> str:
+    weights = _get(b, "loss_weights") or {}
+    loss = ", ".join(f"{k} {v:g}" for k, v in weights.items()) if isinstance(weights, Mapping) else "—"
+    head = _text(b.get("head")) + " kept full precision" if b.get("head") else "head binarized"
+    return (f"settings: binary weights, activations {_text(b.get('activations'))}, residual estimators rank "
+            f"{_text(b.get('estimator_rank'))}; {_text(b.get('binary_linears'))} binary Linears, "
+            f"{_text(b.get('attention_layers'))} attention layers, {_text(b.get('binary_embeddings'))} binary "
+            f"embedding tables; {head}; intervention {_text(b.get('intervention'))} for "
+            f"{_text(b.get('intervention_steps'))} of {_text(b.get('steps'))} steps; loss weights {loss}; "
+            f"ground-truth loss weight {_text(b.get('label_loss'))}.")
+
+
+def _accuracy(b: Mapping[str, Any]) -> str:
+    acc = b.get("val_accuracy") or {}
+    return (f"validation accuracy: fp32 teacher {fmt(acc.get('fp32'))}, binarized with calibrated scales "
+            f"{fmt(acc.get('calibrated'))}, after training {fmt(acc.get('trained'))}.")
+
+
+def _history(b: Mapping[str, Any]) -> Table:
+    hist = [h for h in b.get("history") or [] if isinstance(h, Mapping)]
+    if len(hist) > HISTORY_ROWS:
+        idx = sorted({round(i * (len(hist) - 1) / (HISTORY_ROWS - 1)) for i in range(HISTORY_ROWS)})
+        hist = [hist[i] for i in idx]
+    terms = sorted({k for h in hist for k in h if k.startswith("ti_") or k in ("ce", "val_accuracy")})
+    headers = ["step", "intervention", "loss", *terms]
+    rows = [[_text(h.get("step")), _text(h.get("intervention")), fmt(h.get("loss"))] + [fmt(h.get(t)) for t in terms]
+            for h in hist]
+    return Table(headers, rows, [True, False] + [True] * (len(headers) - 2), [None] * len(rows))
+
+
+def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for art in report.get("artifacts") or []:
+        info = _get(art, "info", "quantized_graph", "binary")
+        if not isinstance(info, Mapping):
+            continue
+        lines.append(f"artifact {art.get('name')}: {fmt_int(info.get('binary_weights'))} binary weights stored "
+                     f"as {'/'.join(info.get('binary_weight_storage') or [])}: "
+                     f"{fmt_int(info.get('binary_weight_bytes_on_disk'))} B on disk "
+                     f"({_text(info.get('bits_per_binary_weight_on_disk'))} bits each; 1 bit each would be "
+                     f"{fmt_int(info.get('ideal_1bit_binary_weight_bytes'))} B), kept packed at run time by "
+                     f"MatMulNBits; other initializers {fmt_int(info.get('other_initializer_bytes'))} B.")
+    return lines
+
+
+def binarize_sections(report: Mapping[str, Any]) -> list[Section]:
+    entries = binarize_entries(report)
+    several = len(entries) > 1
+    return [Section(f"Binarization (stage #{i})" if several else "Binarization", table=_history(b),
+                    intro=[_settings(b), _accuracy(b), *_artifact_lines(report)]) for i, b in entries]
