@@ -38,6 +38,17 @@ def _accuracy(b: Mapping[str, Any]) -> str:
             f"{fmt(acc.get('calibrated'))}, after training {fmt(acc.get('trained'))}.")
 
 
+def _cost(b: Mapping[str, Any]) -> str:
+    cost = b.get("cost") or {}
+    fp, bn = cost.get("fp32") or {}, cost.get("binarized") or {}
+    if not fp or not bn:
+        return "cost: not recorded."
+    return (f"cost per sample (binary multiply-accumulates at 1/64 of a FLOP, binary weights at 1 bit): "
+            f"{fmt(fp.get('flops', 0) / 1e6, '.2f')} MFLOPs -> {fmt(bn.get('flops', 0) / 1e6, '.2f')} MFLOPs "
+            f"({fmt(cost.get('flops_ratio'), '.1f')}x fewer), {fmt_int(fp.get('total_bytes'))} B -> "
+            f"{fmt_int(bn.get('total_bytes'))} B ({fmt(cost.get('bytes_ratio'), '.1f')}x smaller).")
+
+
 def _history(b: Mapping[str, Any]) -> Table:
     hist = [h for h in b.get("history") or [] if isinstance(h, Mapping)]
     if len(hist) > HISTORY_ROWS:
@@ -69,4 +80,4 @@ def binarize_sections(report: Mapping[str, Any]) -> list[Section]:
     entries = binarize_entries(report)
     several = len(entries) > 1
     return [Section(f"Binarization (stage #{i})" if several else "Binarization", table=_history(b),
-                    intro=[_settings(b), _accuracy(b), *_artifact_lines(report)]) for i, b in entries]
+                    intro=[_settings(b), _accuracy(b), _cost(b), *_artifact_lines(report)]) for i, b in entries]

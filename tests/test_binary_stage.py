@@ -47,6 +47,9 @@ def test_binarize_stage_trains_a_w1a1_model_that_replays(tmp_path_factory):
     assert {"ti_logits", "ti_hidden", "ce"} <= set(info["history"][0]) and "ti_scores" not in info["history"][0]
     acc = info["val_accuracy"]
     assert acc["trained"] > acc["calibrated"] + 0.1  # distillation recovers what binarizing broke
+    cost = info["cost"]
+    assert cost["binarized"]["binary_macs"] > 0 and cost["fp32"]["binary_macs"] == 0
+    assert cost["flops_ratio"] > 1 and cost["bytes_ratio"] > 1
 
     ckpt = load_checkpoint(run / "stages" / "1-binarize" / "checkpoint")
     model = ckpt.model
@@ -85,7 +88,7 @@ def test_binary_onnx_runs_int2_matmulnbits_and_matches_pytorch(tmp_path_factory)
     assert binary["binary_weights"] == sum(int(np.prod(t.dims)) for t in int2)
     assert binary["binary_weight_bytes_on_disk"] == binary["binary_weights"] // 4  # 2 bits each
     md = (run / "report.md").read_text()
-    assert "## Binarization" in md and f"{binary['binary_weights']:,} binary weights stored as INT2" in md
+    assert "## Binarization" in md and "MFLOPs" in md and f"{binary['binary_weights']:,} binary weights stored as INT2" in md
 
 
 def test_binarize_cli(fast_run, tmp_path):

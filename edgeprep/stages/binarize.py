@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from edgeprep.binary.convert import binarize_model
+from edgeprep.binary.cost import count_ops, model_bytes
 from edgeprep.context import Context
 from edgeprep.recipe import BinarizeConfig, TrainConfig
 from edgeprep.reparam.fold import fold_reparam, has_reparam
@@ -38,6 +39,8 @@ class BinarizeStage:
             train_cfg = train_cfg.model_copy(update={"steps": cfg.steps})
         s = intervention_steps(cfg, train_cfg.steps)
         teacher = tapped_teacher(model, ctx)
+        example = tuple(x[:1] for x in ctx.example_inputs)  # batch 1, the papers' accounting
+        fp_cost = {**count_ops(model, example), **model_bytes(model)}
         val = ctx.data.val
         fp_val = evaluate_accuracy(model, val) if len(val.y) else None
         if has_reparam(model):
@@ -52,6 +55,7 @@ class BinarizeStage:
             description=f"binarize W1A{ACT_BITS[cfg.activations]}")
         model.eval()
         final_val = evaluate_accuracy(model, val) if len(val.y) else None
+        cost = {**count_ops(model, example), **model_bytes(model)}
         ctx.report.metrics["binarize"] = {
             "weights": cfg.weights, "activations": cfg.activations, "estimator_rank": cfg.estimator_rank,
             "keep_head": cfg.keep_head, "head": decision["head"], "intervention": cfg.intervention,
@@ -59,6 +63,10 @@ class BinarizeStage:
             "loss_weights": cfg.loss_weights.model_dump(), "binary_linears": len(decision["linears"]),
             "attention_layers": len(decision["attentions"]), "binary_embeddings": len(decision["embeddings"]),
             "val_accuracy": {"fp32": fp_val, "calibrated": calib_val, "trained": final_val},
+            # per sample; binary multiply-accumulates count 1/64 of a FLOP, binary weights 1 bit
+            "cost": {"fp32": fp_cost, "binarized": cost,
+                     "flops_ratio": fp_cost["flops"] / cost["flops"],
+                     "bytes_ratio": fp_cost["total_bytes"] / cost["total_bytes"]},
             "history": history_with_modes(result, schedule),
         }
         ctx.report.note(f"binarized {len(decision['linears'])} Linears (weights binary, activations "
