@@ -95,14 +95,18 @@ def test_no_val_split_is_noted_not_fatal():
 
 def test_registry_is_a_dict_and_unknown_kinds_list_valid_ones():
     from edgeprep.recipe import STAGE_KINDS
+    from edgeprep.stages.binarize import BinarizeStage
     from edgeprep.stages.prune import PruneStage
     from edgeprep.stages.qat import QatStage
+    from edgeprep.stages.reparam import ReparamStage
 
-    assert STAGES == {"finetune": FinetuneStage, "prune": PruneStage, "qat": QatStage}
+    assert STAGES == {"finetune": FinetuneStage, "prune": PruneStage, "reparam": ReparamStage, "qat": QatStage,
+                      "binarize": BinarizeStage}
     assert set(STAGES) == set(STAGE_KINDS)  # every recipe kind has a stage and vice versa
     assert isinstance(get_stage(FinetuneConfig()), FinetuneStage)
-    with pytest.raises(BadInputError, match="unknown stage kind 'reparam'; valid kinds: finetune, prune, qat"):
-        get_stage(StageConfig(kind="reparam"))
+    with pytest.raises(BadInputError, match="unknown stage kind 'distill'; valid kinds: binarize, finetune, prune, "
+                                            "qat, reparam"):
+        get_stage(StageConfig(kind="distill"))
 
 
 def test_training_stages_refuse_non_classification_data_in_one_line():
