@@ -113,7 +113,7 @@ def ops(g: UnitGroup) -> GroupOps:
 
 
 # ----------------------------------------------------------------------------- discovery
-def _is_vit_block(m: nn.Module) -> bool:
+def is_vit_block(m: nn.Module) -> bool:
     attn, mlp = getattr(m, "attn", None), getattr(m, "mlp", None)
     return (isinstance(attn, nn.Module) and all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "head_dim"))
             and isinstance(mlp, nn.Module) and isinstance(getattr(mlp, "fc1", None), nn.Linear)
@@ -121,7 +121,7 @@ def _is_vit_block(m: nn.Module) -> bool:
 
 
 def family_of(module: nn.Module) -> str | None:
-    if _is_vit_block(module):
+    if is_vit_block(module):
         return "vit"
     if bert.is_bert_layer(module):
         return "bert"

@@ -18,6 +18,7 @@ from torch import nn
 from edgeprep.errors import BadInputError
 from edgeprep.models.vit import Attention as VitAttention
 from edgeprep.models.vit import ViT
+from edgeprep.pruning.groups import is_vit_block
 from edgeprep.reparam.norms import PRepBN, set_token_mask
 from edgeprep.reparam.sla import SimplifiedLinearAttention
 
@@ -31,9 +32,8 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _is_vit_block(m: nn.Module) -> bool:
-    return all(hasattr(m, a) for a in ("norm1", "attn", "norm2", "mlp")) \
-        and isinstance(getattr(m.attn, "qkv", None), nn.Linear) and isinstance(getattr(m.mlp, "fc1", None), nn.Linear)
+def _pre_ln_vit_block(m: nn.Module) -> bool:
+    return is_vit_block(m) and hasattr(m, "norm1") and hasattr(m, "norm2")
 
 
 def norm_plan(model: nn.Module) -> dict[str, list[str]]:
@@ -45,7 +45,7 @@ def norm_plan(model: nn.Module) -> dict[str, list[str]]:
             plan[name] = []
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
-        if _is_vit_block(m):
+        if _pre_ln_vit_block(m):
             for norm, consumer in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1")):
                 if prefix + norm in plan:
                     plan[prefix + norm] = [prefix + consumer]

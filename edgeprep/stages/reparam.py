@@ -23,10 +23,11 @@ from torch import nn
 from edgeprep.context import Context
 from edgeprep.errors import BadInputError
 from edgeprep.pruning.bert import is_bert_layer
+from edgeprep.pruning.groups import is_vit_block
 from edgeprep.recipe import ReparamConfig, TrainConfig
 from edgeprep.reparam.fold import has_reparam, unfinished
 from edgeprep.reparam.norms import PRepBN, advance_all
-from edgeprep.reparam.surgery import _is_vit_block, reparam_model
+from edgeprep.reparam.surgery import reparam_model
 from edgeprep.train import StepState, evaluate_accuracy, train
 
 LAST_GOOD_NAME = "last_good.safetensors"
@@ -34,7 +35,7 @@ LAST_GOOD_NAME = "last_good.safetensors"
 
 def block_names(model: nn.Module) -> list[str]:
     """Transformer blocks whose outputs the hidden-state loss compares (ViT blocks, BERT layers)."""
-    return [n for n, m in model.named_modules() if _is_vit_block(m) or is_bert_layer(m)]
+    return [n for n, m in model.named_modules() if is_vit_block(m) or is_bert_layer(m)]
 
 
 class HiddenStateLoss:
