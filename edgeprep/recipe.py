@@ -88,6 +88,24 @@ class StageConfig(Strict):
     ignore: list[str] = Field(default_factory=list)
 
 
+class TrainingStageConfig(StageConfig):
+    """A stage that trains with its own step budget: ``steps`` is shorthand for ``train.steps``."""
+
+    steps: Optional[int] = Field(None, ge=1)
+    train: TrainOverrides = Field(default_factory=TrainOverrides)
+
+    @model_validator(mode="after")
+    def _steps_agree(self) -> "TrainingStageConfig":
+        if self.steps is not None and self.train.steps is not None and self.steps != self.train.steps:
+            raise ValueError(f"steps ({self.steps}) and train.steps ({self.train.steps}) disagree; set one")
+        return self
+
+    def train_config(self, defaults: TrainConfig) -> TrainConfig:
+        """The recipe's training defaults with this stage's overrides (and ``steps``) applied."""
+        cfg = self.train.resolve(defaults)
+        return cfg if self.steps is None else cfg.model_copy(update={"steps": self.steps})
+
+
 class FinetuneConfig(StageConfig):
     """Train (or distill into) the current model with the shared training loop."""
 
@@ -133,7 +151,7 @@ class QatLossWeights(Strict):
     attn_out: float = Field(1.0, ge=0)  # MSE on attention outputs (before residual + norm)
 
 
-class QatConfig(StageConfig):
+class QatConfig(TrainingStageConfig):
     """Quantization-aware training with Teacher Intervention, distilled from the stage's input model."""
 
     kind: Literal["qat"] = "qat"
@@ -142,21 +160,17 @@ class QatConfig(StageConfig):
     intervention: Literal["none", "m", "c", "o", "gradual"] = "gradual"
     # s: optimizer steps of step 1 (with intervention); None: 10% of the steps
     intervention_steps: Optional[int] = Field(None, ge=0)
-    steps: Optional[int] = Field(None, ge=1)  # shorthand for train.steps
     loss_weights: QatLossWeights = Field(default_factory=QatLossWeights)
     label_loss: float = Field(0.0, ge=0)  # weight of ground-truth cross-entropy; 0: none (the paper)
-    train: TrainOverrides = Field(default_factory=TrainOverrides)
 
     @model_validator(mode="after")
-    def _steps(self) -> "QatConfig":
-        if self.steps is not None and self.train.steps is not None and self.steps != self.train.steps:
-            raise ValueError(f"steps ({self.steps}) and train.steps ({self.train.steps}) disagree; set one")
+    def _intervention(self) -> "QatConfig":
         if self.intervention_steps and self.intervention == "none":
             raise ValueError("intervention_steps is set but intervention is none; set intervention: gradual|m|c|o")
         return self
 
 
-class ReparamConfig(StageConfig):
+class ReparamConfig(TrainingStageConfig):
     """SLAB re-parameterization: LayerNorm -> PRepBN (folded away at export), optionally SLA attention."""
 
     kind: Literal["reparam"] = "reparam"
@@ -166,22 +180,15 @@ class ReparamConfig(StageConfig):
     attention: Literal["keep", "sla"] = "keep"  # sla: Simplified Linear Attention (edgeprep's ViTs)
     warmup_steps: Optional[int] = Field(None, ge=0)  # lam = 1; None: 10% of the steps
     decay_steps: Optional[int] = Field(None, ge=0)  # lam 1 -> 0 linearly; None: 50% of the steps
-    steps: Optional[int] = Field(None, ge=1)  # shorthand for train.steps
     hidden_loss: float = Field(1.0, ge=0)  # weight of the MSE between teacher and student block outputs
     distill: Optional[DistillConfig] = Field(default_factory=DistillConfig)  # KD on logits; null: labels only
-    train: TrainOverrides = Field(default_factory=TrainOverrides)
 
     @model_validator(mode="after")
-    def _steps(self) -> "ReparamConfig":
-        if self.steps is not None and self.train.steps is not None and self.steps != self.train.steps:
-            raise ValueError(f"steps ({self.steps}) and train.steps ({self.train.steps}) disagree; set one")
+    def _schedule(self) -> "ReparamConfig":
         if self.norm != "prepbn" and (self.warmup_steps or self.decay_steps):
             raise ValueError(f"warmup_steps / decay_steps apply to norm: prepbn, not {self.norm} "
                              "(which has no LayerNorm to decay)")
         return self
-
-    def resolved_steps(self, defaults: "TrainConfig") -> int:
-        return self.steps if self.steps is not None else self.train.resolve(defaults).steps
 
     def schedule(self, steps: int) -> tuple[int, int]:
         """(warmup_steps, decay_steps) for a stage of ``steps``: the configured ones, or 10% warmup
@@ -193,7 +200,7 @@ class ReparamConfig(StageConfig):
         return warmup, decay
 
 
-class BinarizeConfig(StageConfig):
+class BinarizeConfig(TrainingStageConfig):
     """BiPFT binarization: binary weights, binary / int8 / float activations, low-rank estimators."""
 
     kind: Literal["binarize"] = "binarize"
@@ -203,16 +210,12 @@ class BinarizeConfig(StageConfig):
     keep_head: bool = True  # the classifier head (last Linear) stays full precision
     intervention: Literal["none", "m", "c", "o", "gradual"] = "none"  # Teacher Intervention (qat's)
     intervention_steps: Optional[int] = Field(None, ge=0)  # None: 10% of the steps when intervention is on
-    steps: Optional[int] = Field(None, ge=1)  # shorthand for train.steps
     # BiPFT distils hidden states (MSE) and logits (soft CE); attention terms are off by default
     loss_weights: QatLossWeights = Field(default_factory=lambda: QatLossWeights(scores=0.0, attn_out=0.0))
     label_loss: float = Field(0.0, ge=0)  # weight of ground-truth cross-entropy
-    train: TrainOverrides = Field(default_factory=TrainOverrides)
 
     @model_validator(mode="after")
-    def _steps(self) -> "BinarizeConfig":
-        if self.steps is not None and self.train.steps is not None and self.steps != self.train.steps:
-            raise ValueError(f"steps ({self.steps}) and train.steps ({self.train.steps}) disagree; set one")
+    def _intervention(self) -> "BinarizeConfig":
         if self.intervention_steps and self.intervention == "none":
             raise ValueError("intervention_steps is set but intervention is none; set intervention: gradual|m|c|o")
         return self
@@ -335,7 +338,7 @@ class Recipe(Strict):
                              "use attention: keep")
         for i, st in enumerate(self.stages):
             if isinstance(st, ReparamConfig) and st.norm == "prepbn":
-                steps = st.resolved_steps(self.train)
+                steps = st.train_config(self.train).steps
                 warmup, decay = st.schedule(steps)
                 if warmup + decay > steps:
                     raise ValueError(f"stages.{i}: warmup_steps + decay_steps ({warmup} + {decay}) exceed the "

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from edgeprep.report import Section, Table, _get, _text, fmt, fmt_int
-
-HISTORY_ROWS = 8
+from edgeprep.report import Section, _get, _text, fmt, fmt_int
+from edgeprep.report_qat import history_table  # same columns: step, intervention, loss, terms
 
 
 def binarize_entries(report: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
@@ -49,18 +48,6 @@ def _cost(b: Mapping[str, Any]) -> str:
             f"{fmt_int(bn.get('total_bytes'))} B ({fmt(cost.get('bytes_ratio'), '.1f')}x smaller).")
 
 
-def _history(b: Mapping[str, Any]) -> Table:
-    hist = [h for h in b.get("history") or [] if isinstance(h, Mapping)]
-    if len(hist) > HISTORY_ROWS:
-        idx = sorted({round(i * (len(hist) - 1) / (HISTORY_ROWS - 1)) for i in range(HISTORY_ROWS)})
-        hist = [hist[i] for i in idx]
-    terms = sorted({k for h in hist for k in h if k.startswith("ti_") or k in ("ce", "val_accuracy")})
-    headers = ["step", "intervention", "loss", *terms]
-    rows = [[_text(h.get("step")), _text(h.get("intervention")), fmt(h.get("loss"))] + [fmt(h.get(t)) for t in terms]
-            for h in hist]
-    return Table(headers, rows, [True, False] + [True] * (len(headers) - 2), [None] * len(rows))
-
-
 def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
     lines = []
     for art in report.get("artifacts") or []:
@@ -79,5 +66,5 @@ def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
 def binarize_sections(report: Mapping[str, Any]) -> list[Section]:
     entries = binarize_entries(report)
     several = len(entries) > 1
-    return [Section(f"Binarization (stage #{i})" if several else "Binarization", table=_history(b),
+    return [Section(f"Binarization (stage #{i})" if several else "Binarization", table=history_table(b),
                     intro=[_settings(b), _accuracy(b), _cost(b), *_artifact_lines(report)]) for i, b in entries]

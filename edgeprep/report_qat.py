@@ -36,11 +36,18 @@ def _accuracy(q: Mapping[str, Any]) -> str:
             f"{fmt(acc.get('calibrated'))}, after training {fmt(acc.get('trained'))}.")
 
 
-def _history(q: Mapping[str, Any]) -> Table:
-    hist = [h for h in q.get("history") or [] if isinstance(h, Mapping)]
-    if len(hist) > HISTORY_ROWS:
-        idx = sorted({round(i * (len(hist) - 1) / (HISTORY_ROWS - 1)) for i in range(HISTORY_ROWS)})
+def sampled(history: Any, rows: int = HISTORY_ROWS) -> list[Mapping[str, Any]]:
+    """At most ``rows`` entries of a stage's per-step history, evenly spaced, first and last kept."""
+    hist = [h for h in history or [] if isinstance(h, Mapping)]
+    if len(hist) > rows:
+        idx = sorted({round(i * (len(hist) - 1) / (rows - 1)) for i in range(rows)})
         hist = [hist[i] for i in idx]
+    return hist
+
+
+def history_table(q: Mapping[str, Any]) -> Table:
+    """The sampled loss history of a distilling stage (qat, binarize): each term and the intervention."""
+    hist = sampled(q.get("history"))
     terms = sorted({k for h in hist for k in h if k.startswith("ti_") or k in ("ce", "val_accuracy")})
     headers = ["step", "intervention", "loss", *terms]
     rows = [[_text(h.get("step")), _text(h.get("intervention")), fmt(h.get("loss"))] + [fmt(h.get(t)) for t in terms]
@@ -72,6 +79,6 @@ def qat_sections(report: Mapping[str, Any]) -> list[Section]:
     sections = []
     for i, q in entries:
         title = f"Quantization-aware training (stage #{i})" if several else "Quantization-aware training"
-        sections.append(Section(title, table=_history(q),
+        sections.append(Section(title, table=history_table(q),
                                 intro=[_settings(q), _accuracy(q), *_artifact_lines(report)]))
     return sections

@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from edgeprep.report import Section, Table, _get, _text, fmt
-
-HISTORY_ROWS = 8  # sampled rows of the loss history shown in the report (the JSON keeps all)
+from edgeprep.report_qat import sampled
 
 
 def reparam_entries(report: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
@@ -36,10 +35,7 @@ def _accuracy(r: Mapping[str, Any]) -> str:
 
 
 def _history(r: Mapping[str, Any]) -> Table:
-    hist = [h for h in r.get("history") or [] if isinstance(h, Mapping)]
-    if len(hist) > HISTORY_ROWS:
-        idx = sorted({round(i * (len(hist) - 1) / (HISTORY_ROWS - 1)) for i in range(HISTORY_ROWS)})
-        hist = [hist[i] for i in idx]
+    hist = sampled(r.get("history"))
     terms = [t for t in ("ce", "kd", "hidden", "val_accuracy") if any(t in h for h in hist)]
     headers = ["step", "loss", *terms]
     rows = [[_text(h.get("step")), fmt(h.get("loss"))] + [fmt(h.get(t)) for t in terms] for h in hist]

@@ -34,9 +34,7 @@ class BinarizeStage:
         cfg = self.config
         ctx.require_classification("binarize", "distils classification logits",
                                    "use the Python API (edgeprep.binary.convert) with your own loss")
-        train_cfg: TrainConfig = cfg.train.resolve(ctx.train)
-        if cfg.steps is not None:
-            train_cfg = train_cfg.model_copy(update={"steps": cfg.steps})
+        train_cfg: TrainConfig = cfg.train_config(ctx.train)
         s = intervention_steps(cfg, train_cfg.steps)
         teacher = tapped_teacher(model, ctx)
         example = tuple(x[:1] for x in ctx.example_inputs)  # batch 1, the papers' accounting

@@ -113,9 +113,7 @@ class QatStage:
                                 "are exclusive: start from the float checkpoint")
         if any(d.get("kind") == QAT_KIND for d in ctx.decisions):
             raise BadInputError("stage qat: the model is already quantized by an earlier qat stage; use one qat stage")
-        train_cfg: TrainConfig = cfg.train.resolve(ctx.train)
-        if cfg.steps is not None:
-            train_cfg = train_cfg.model_copy(update={"steps": cfg.steps})
+        train_cfg: TrainConfig = cfg.train_config(ctx.train)
         s = intervention_steps(cfg, train_cfg.steps)
         teacher = tapped_teacher(model, ctx)
         val = ctx.data.val

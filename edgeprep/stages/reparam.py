@@ -76,9 +76,7 @@ class ReparamStage:
         cfg = self.config
         ctx.require_classification("reparam", "distils classification logits",
                                    "use the Python API (edgeprep.reparam.surgery) with your own loss")
-        train_cfg: TrainConfig = cfg.train.resolve(ctx.train)
-        if cfg.steps is not None:
-            train_cfg = train_cfg.model_copy(update={"steps": cfg.steps})
+        train_cfg: TrainConfig = cfg.train_config(ctx.train)
         if ctx.teacher is None:
             raise BadInputError("stage reparam distils from the model before the stage; no teacher was given")
         val = ctx.data.val
