@@ -33,7 +33,8 @@ from edgeprep.pipeline import frozen_copy
 from edgeprep.recipe import BinarizeConfig, DataConfig, TrainConfig
 from edgeprep.stages.binarize import BinarizeStage
 from edgeprep.train import evaluate_accuracy, train
-from ptq_table import cpu_name  # a sibling script: benchmarks/ is on sys.path
+from common import mean_sd  # sibling scripts: benchmarks/ is on sys.path
+from ptq_table import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results" / "binarize_table.md"
 BASE_TRAIN = TrainConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=30)  # as the other tables
@@ -88,12 +89,6 @@ def run_seed(seed: int, data, args) -> dict[str, Any]:
     return out
 
 
-def _mean_sd(xs: list[float]) -> str:
-    if len(xs) < 2:
-        return f"{xs[0] * 100:.2f}" if xs else "-"
-    return f"{statistics.mean(xs) * 100:.2f} ± {statistics.stdev(xs) * 100:.2f}"
-
-
 def render(runs: dict, args, seconds: float) -> str:
     seeds = sorted(runs, key=int)
     r = [runs[s] for s in seeds]
@@ -120,9 +115,9 @@ def render(runs: dict, args, seconds: float) -> str:
         lines.append(f"| {s} | {run['fp32_test']:.4f} | {a['val']['calibrated']:.4f} / {a['test']:.4f} | "
                      f"{b['val']['calibrated']:.4f} / {b['test']:.4f} | {(a['test'] - b['test']) * 100:+.2f} |")
     gains = [run["w1a1+est"]["test"] - run["w1a1"]["test"] for run in r]
-    lines += ["", f"Mean over seeds: fp32 {_mean_sd([x['fp32_test'] for x in r])} %, W1A1 + estimators "
-              f"{_mean_sd([x['w1a1+est']['test'] for x in r])} %, W1A1 {_mean_sd([x['w1a1']['test'] for x in r])} %; "
-              f"estimators gain {_mean_sd(gains)} pt (the paper reports +1.6 GLUE points on BERT).  ",
+    lines += ["", f"Mean over seeds: fp32 {mean_sd([x['fp32_test'] for x in r])} %, W1A1 + estimators "
+              f"{mean_sd([x['w1a1+est']['test'] for x in r])} %, W1A1 {mean_sd([x['w1a1']['test'] for x in r])} %; "
+              f"estimators gain {mean_sd(gains)} pt (the paper reports +1.6 GLUE points on BERT).  ",
               "Parameters with estimators: " + ", ".join(str(x["w1a1+est"]["params"]) for x in r[:1])
               + f" (without: {r[0]['w1a1']['params']}).", ""]
     return "\n".join(lines)

@@ -44,7 +44,8 @@ from edgeprep.pipeline import frozen_copy
 from edgeprep.recipe import DataConfig, QatConfig, TrainConfig
 from edgeprep.stages.qat import QatStage
 from edgeprep.train import evaluate_accuracy, train
-from ptq_table import cpu_name, run_batched  # a sibling script: benchmarks/ is on sys.path
+from common import mean_sd, save_curve_panels  # sibling scripts: benchmarks/ is on sys.path
+from ptq_table import cpu_name, run_batched
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_table.md"
 CURVES = RESULTS.with_name("qat_curves.png")
@@ -215,13 +216,6 @@ def steps_to_reach(curve: list, target: float) -> Optional[int]:
     return next((step for step, acc in curve if acc >= target - 1e-9), None)
 
 
-def _mean_sd(xs: list[float], pct: bool = True) -> str:
-    k = 100 if pct else 1
-    if len(xs) < 2:
-        return f"{xs[0] * k:.2f}" if xs else "-"
-    return f"{statistics.mean(xs) * k:.2f} ± {statistics.stdev(xs) * k:.2f}"
-
-
 def render(runs: dict, args, seconds: float) -> str:
     seeds = sorted(runs, key=int)
     r = [runs[s] for s in seeds]
@@ -268,9 +262,9 @@ def render(runs: dict, args, seconds: float) -> str:
     vs_ptq_lat = [run["int8"]["ort"]["qat"]["p50"] / run["int8"]["ort"]["ptq-static"]["p50"] for run in r]
     lines += [
         "",
-        f"Mean over seeds: drop vs fp32 ORT {_mean_sd(drops)} pt; QAT p50 / fp32 p50 "
+        f"Mean over seeds: drop vs fp32 ORT {mean_sd(drops)} pt; QAT p50 / fp32 p50 "
         f"{statistics.mean(ratio):.3f}x (per seed {', '.join(f'{x:.3f}' for x in ratio)}); QAT - static PTQ "
-        f"accuracy {_mean_sd(vs_ptq_acc)} pt; QAT p50 / PTQ p50 {statistics.mean(vs_ptq_lat):.3f}x.  ",
+        f"accuracy {mean_sd(vs_ptq_acc)} pt; QAT p50 / PTQ p50 {statistics.mean(vs_ptq_lat):.3f}x.  ",
         "Heavy ops ORT ran (seed " + seeds[0] + "): QAT " + ", ".join(
             f"{k} {v}" for k, v in r[0]["int8"]["ort"]["qat"]["heavy_ops"].items()) + "; static PTQ " + ", ".join(
             f"{k} {v}" for k, v in r[0]["int8"]["ort"]["ptq-static"]["heavy_ops"].items()) + ".  ",
@@ -298,27 +292,11 @@ def render(runs: dict, args, seconds: float) -> str:
 
 
 def plot_curves(runs: dict, args, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     seeds = sorted(runs, key=int)
-    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.4), squeeze=False, sharey=True)
-    for ax, s in zip(axes[0], seeds):
-        for name, style in (("ti-g", "-"), ("kd-qat", "--")):
-            curve = runs[s]["ternary"][name]["curve"]
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], style, label=name.upper())
-        ax.axvline(runs[s]["ternary"]["ti-g"]["intervention_steps"], color="grey", lw=0.8, ls=":")
-        ax.set_title(f"vit-bench ternary W / int8 A, seed {s}")
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation accuracy")
-    axes[0][0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_curve_panels(path, [(f"vit-bench ternary W / int8 A, seed {s}",
+                              [(name.upper(), style, runs[s]["ternary"][name]["curve"])
+                               for name, style in (("ti-g", "-"), ("kd-qat", "--"))]) for s in seeds],
+                      vlines=[runs[s]["ternary"]["ti-g"]["intervention_steps"] for s in seeds])
 
 
 if __name__ == "__main__":

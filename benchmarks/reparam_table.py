@@ -52,7 +52,8 @@ from edgeprep.reparam.norms import advance_all
 from edgeprep.reparam.surgery import reparam_model
 from edgeprep.stages.reparam import ReparamStage
 from edgeprep.train import evaluate_accuracy, train
-from ptq_table import cpu_name, run_batched  # a sibling script: benchmarks/ is on sys.path
+from common import mean_sd, save_curve_panels  # sibling scripts: benchmarks/ is on sys.path
+from ptq_table import cpu_name, run_batched
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reparam_table.md"
 CURVES = RESULTS.with_name("reparam_curves.png")
@@ -193,12 +194,6 @@ def profile_rounds(loaded: dict, rows: dict, x1: np.ndarray, args) -> None:
     rows["load_avg"] = os.getloadavg()[0]
 
 
-def _mean_sd(xs: list[float], k: float = 100) -> str:
-    if len(xs) < 2:
-        return f"{xs[0] * k:.2f}" if xs else "-"
-    return f"{statistics.mean(xs) * k:.2f} ± {statistics.stdev(xs) * k:.2f}"
-
-
 def render(runs: dict, args, seconds: float) -> str:
     seeds = sorted(runs, key=int)
     r = [runs[s] for s in seeds]
@@ -227,7 +222,7 @@ def render(runs: dict, args, seconds: float) -> str:
         collapsed = [n for n in SCRATCH if sc[n]["collapsed"]]
         lines.append(f"| {s} | " + " | ".join(f"{sc[n]['test']:.4f}" for n in SCRATCH)
                      + f" | {', '.join(collapsed) or 'none'} |")
-    lines.append("| mean ± sd (%) | " + " | ".join(_mean_sd([run["scratch"][n]["test"] for run in r])
+    lines.append("| mean ± sd (%) | " + " | ".join(mean_sd([run["scratch"][n]["test"] for run in r])
                                                     for n in SCRATCH) + " | |")
     lines += [
         "",
@@ -250,9 +245,9 @@ def render(runs: dict, args, seconds: float) -> str:
                          f"({row['output_max_abs']:.1f}) | {row['norm_ops']} / {row['softmax_ops']} | "
                          f"{row['p50']:.3f} | {row['p50'] / o['ln']['p50']:.3f}x |")
     lines += ["", "Mean over seeds: " + "; ".join(
-        f"{name.upper()} test {_mean_sd([run['converted'][name]['test'] for run in r])} %, p50 / LN "
+        f"{name.upper()} test {mean_sd([run['converted'][name]['test'] for run in r])} %, p50 / LN "
         f"{statistics.mean(run['ort'][name]['p50'] / run['ort']['ln']['p50'] for run in r):.3f}x"
-        for name in CONVERTED) + f" (LN test {_mean_sd([run['scratch']['ln']['test'] for run in r])} %).  ",
+        for name in CONVERTED) + f" (LN test {mean_sd([run['scratch']['ln']['test'] for run in r])} %).  ",
         f"Latency: batch 1, 1 thread, median of {args.rounds} per-round p50s ({args.iters} calls each), rounds "
         "interleaved in one process. 1-minute load average after profiling: "
         + ", ".join(f"{run['ort']['load_avg']:.2f}" for run in r) + ".", ""]
@@ -260,26 +255,9 @@ def render(runs: dict, args, seconds: float) -> str:
 
 
 def plot_curves(runs: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    seeds = sorted(runs, key=int)
-    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.4), squeeze=False, sharey=True)
-    for ax, s in zip(axes[0], seeds):
-        for name in SCRATCH:
-            curve = runs[s]["scratch"][name]["curve"]
-            ax.plot([c[0] for c in curve], [c[1] for c in curve], label=name.upper())
-        ax.set_title(f"vit-bench from scratch, seed {s}")
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation accuracy")
-    axes[0][0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_curve_panels(path, [(f"vit-bench from scratch, seed {s}",
+                              [(name.upper(), "-", runs[s]["scratch"][name]["curve"]) for name in SCRATCH])
+                             for s in sorted(runs, key=int)])
 
 
 if __name__ == "__main__":

@@ -42,6 +42,31 @@ def finished_run(tmp_path_factory, name: str, text: str) -> Path:
     return work
 
 
+# The e2e stage tests' recipe: vit-tiny-digits fine-tuned 250 steps, then their stages, exported to
+# ONNX and validated on the test split.
+TINY_VIT_HEAD = """\
+seed: 0
+model: {source: vit-tiny-digits}
+data: {source: digits, calibration_samples: 64}
+train: {steps: 250, batch_size: 64, lr: 0.003, warmup_steps: 20}
+stages:
+  - kind: finetune
+"""
+ONNX_TEST_TAIL = """\
+export:
+  - target: onnx
+validate:
+  split: test
+  profile: {warmup: 5, iters: 30}
+"""
+
+
+def tiny_vit_recipe(name: str, stages: str, extra: str = "") -> str:
+    """A recipe: the shared head, ``stages`` (YAML list items after the finetune stage), the ONNX
+    export and validation, then ``extra`` (e.g. gates)."""
+    return f"name: {name}\n{TINY_VIT_HEAD}{stages}{ONNX_TEST_TAIL}{extra}"
+
+
 # A quickstart with a smaller budget: the same stages, export, peers and gates, in seconds.
 FAST_RECIPE = """\
 name: fast

@@ -9,28 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import finished_run, run_cli
+from conftest import finished_run, run_cli, tiny_vit_recipe
 
-BINARIZE_RECIPE = """\
-name: binarize-e2e
-seed: 0
-model: {source: vit-tiny-digits}
-data: {source: digits, calibration_samples: 64}
-train: {steps: 250, batch_size: 64, lr: 0.003, warmup_steps: 20}
-stages:
-  - kind: finetune
+BINARIZE_RECIPE = tiny_vit_recipe("binarize-e2e", """\
   - kind: binarize
     steps: 60
     label_loss: 1.0
     intervention: gradual
     intervention_steps: 12
     train: {lr: 0.001, warmup_steps: 5}
-export:
-  - target: onnx
-validate:
-  split: test
-  profile: {warmup: 5, iters: 30}
-"""
+""")
 
 
 @pytest.mark.slow

@@ -8,30 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import error_lines, finished_run, run_cli
+from conftest import error_lines, finished_run, run_cli, tiny_vit_recipe
 
-QAT_RECIPE = """\
-name: qat-e2e
-seed: 0
-model: {source: vit-tiny-digits}
-data: {source: digits, calibration_samples: 64}
-train: {steps: 250, batch_size: 64, lr: 0.003, warmup_steps: 20}
-stages:
-  - kind: finetune
+QAT_RECIPE = tiny_vit_recipe("qat-e2e", """\
   - kind: qat
     weights: int8
     intervention: gradual
     intervention_steps: 12
     steps: 40
     train: {lr: 0.0003, warmup_steps: 4}
-export:
-  - target: onnx
-validate:
-  split: test
-  profile: {warmup: 5, iters: 30}
+""", extra="""\
 gates:
   max_metric_drop: 0.02
-"""
+""")
 
 
 @pytest.fixture(scope="module")

@@ -10,37 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import error_lines, finished_run, run_cli
+from conftest import error_lines, finished_run, run_cli, tiny_vit_recipe
 
-SLA_RECIPE = """\
-name: reparam-sla
-seed: 0
-model: {source: vit-tiny-digits}
-data: {source: digits, calibration_samples: 64}
-train: {steps: 250, batch_size: 64, lr: 0.003, warmup_steps: 20}
-stages:
-  - kind: finetune
+SLA_RECIPE = tiny_vit_recipe("reparam-sla", """\
   - kind: reparam
     attention: sla
     steps: 120
     train: {lr: 0.001, warmup_steps: 10, eval_every: 20}
-export:
-  - target: onnx
-validate:
-  split: test
-  profile: {warmup: 5, iters: 30}
+""", extra="""\
 gates:
   max_metric_drop: 0.03
-"""
+""")
 
-QAT_AFTER_REPARAM = """\
-name: reparam-qat
-seed: 0
-model: {source: vit-tiny-digits}
-data: {source: digits, calibration_samples: 64}
-train: {steps: 250, batch_size: 64, lr: 0.003, warmup_steps: 20}
-stages:
-  - kind: finetune
+QAT_AFTER_REPARAM = tiny_vit_recipe("reparam-qat", """\
   - kind: reparam
     steps: 60
     warmup_steps: 5
@@ -50,12 +32,7 @@ stages:
     steps: 30
     intervention_steps: 9
     train: {lr: 0.0003, warmup_steps: 4}
-export:
-  - target: onnx
-validate:
-  split: test
-  profile: {warmup: 5, iters: 30}
-"""
+""")
 
 
 def _ops(path: Path) -> collections.Counter:
