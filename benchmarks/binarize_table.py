@@ -2,8 +2,10 @@
 
 For each seed: train vit-bench (the project's loop, 300 steps, as the other tables), then the
 binarize stage twice from it with the same budget: W1A1 with rank-1 estimators and W1A1 without
-(``estimator_rank: 0``); validation accuracy every --eval-every steps, final test accuracy
-(PyTorch; the bit-packed export is not there yet, so no runtime numbers here).
+(``estimator_rank: 0``); validation accuracy every --eval-every steps, final test accuracy in
+PyTorch, then each binarized model (and the fp32 one) exported to ONNX (binary weights as INT2,
+run by ORT's MatMulNBits) and run on ONNX Runtime: test accuracy, top-1 agreement and SQNR vs
+PyTorch, and bytes (binary weights vs the same weights in fp32; whole file vs the fp32 file).
 
 Per-seed results go to a JSON file in --work as they finish (--resume continues); the Markdown
 table to stdout and benchmarks/results/binarize_table.md.
@@ -23,10 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from edgeprep.context import Context, StageReport
 from edgeprep.data import load_data
+from edgeprep.exporters import get_exporter, get_runtime
+from edgeprep.exporters.onnx import OnnxOptions
+from edgeprep.measure.parity import parity
 from edgeprep.fsutil import write_json_atomic, write_text_atomic
 from edgeprep.models import ZOO
 from edgeprep.pipeline import frozen_copy
@@ -34,7 +40,7 @@ from edgeprep.recipe import BinarizeConfig, DataConfig, TrainConfig
 from edgeprep.stages.binarize import BinarizeStage
 from edgeprep.train import evaluate_accuracy, train
 from common import mean_sd  # sibling scripts: benchmarks/ is on sys.path
-from ptq_table import cpu_name
+from ptq_table import cpu_name, run_batched
 
 RESULTS = Path(__file__).resolve().parent / "results" / "binarize_table.md"
 BASE_TRAIN = TrainConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=30)  # as the other tables
@@ -73,6 +79,7 @@ def run_seed(seed: int, data, args) -> dict[str, Any]:
     train(base, data.train, BASE_TRAIN, seed=seed, progress=False, description="vit-bench")
     base.eval()
     out: dict[str, Any] = {"fp32_test": evaluate_accuracy(base, data.test)}
+    out["fp32_ort"] = on_ort(base, "fp32", seed, data, args)
     for name, rank in VARIANTS.items():
         student = copy.deepcopy(base)
         ctx = Context(data=data, train=BASE_TRAIN, example_inputs=(data.train.x[:2],), seed=seed,
@@ -85,8 +92,24 @@ def run_seed(seed: int, data, args) -> dict[str, Any]:
         out[name] = {"seconds": time.perf_counter() - t0, "test": evaluate_accuracy(student.eval(), data.test),
                      "val": info["val_accuracy"],
                      "params": sum(p.numel() for p in student.parameters()),
-                     "curve": [(h["step"], h["val_accuracy"]) for h in info["history"] if "val_accuracy" in h]}
+                     "curve": [(h["step"], h["val_accuracy"]) for h in info["history"] if "val_accuracy" in h],
+                     "ort": on_ort(student, name, seed, data, args)}
     return out
+
+
+def on_ort(model: torch.nn.Module, name: str, seed: int, data, args) -> dict[str, Any]:
+    """Export to ONNX (as `edgeprep run` does), run the test split on ORT, compare with PyTorch."""
+    art = get_exporter("onnx").export(model, (data.train.x[:2],), args.work / f"seed{seed}" / f"onnx-{name}",
+                                      OnnxOptions())
+    with torch.no_grad():
+        ref = model.eval()(data.test.x).numpy()
+    got = run_batched(get_runtime("onnxruntime").load(art, threads=1), data.test.x.numpy())
+    p = parity([ref], [got])
+    binary = (art.info.get("quantized_graph") or {}).get("binary", {})
+    return {"test": float(np.mean(got.argmax(-1) == data.test.y.numpy())), "agreement": p["top1_agreement"],
+            "sqnr_db": p["sqnr_db"], "file_bytes": art.size_bytes,
+            "binary_weights": binary.get("binary_weights", 0),
+            "binary_weight_bytes": binary.get("binary_weight_bytes_on_disk", 0)}
 
 
 def render(runs: dict, args, seconds: float) -> str:
@@ -120,6 +143,21 @@ def render(runs: dict, args, seconds: float) -> str:
               f"estimators gain {mean_sd(gains)} pt (the paper reports +1.6 GLUE points on BERT).  ",
               "Parameters with estimators: " + ", ".join(str(x["w1a1+est"]["params"]) for x in r[:1])
               + f" (without: {r[0]['w1a1']['params']}).", ""]
+    if all("ort" in x["w1a1"] for x in r):
+        lines += ["## On ONNX Runtime: the exported artifacts", "",
+                  "| seed | model | ORT test | top-1 agreement / SQNR (dB) vs PyTorch | binary weights: bytes "
+                  "(fp32 bytes / ratio) | file bytes (fp32 file / ratio) |", "|---|---|---|---|---|---|"]
+        for s, run in zip(seeds, r):
+            fp32_file = run["fp32_ort"]["file_bytes"]
+            for name in ("fp32", *VARIANTS):
+                o = run["fp32_ort"] if name == "fp32" else run[name]["ort"]
+                bw = (f"{o['binary_weight_bytes']} ({4 * o['binary_weights']} / "
+                      f"{4 * o['binary_weights'] / o['binary_weight_bytes']:.1f}x)" if o["binary_weights"] else "-")
+                lines.append(f"| {s} | {name.upper()} | {o['test']:.4f} | {o['agreement']:.4f} / {o['sqnr_db']:.1f} "
+                             f"| {bw} | {o['file_bytes']} ({fp32_file} / {fp32_file / o['file_bytes']:.2f}x) |")
+        lines += ["", "Binary weights are stored as INT2 (2 bits each: ONNX has no 1-bit type) with one fp32 scale "
+                  "per tensor and run packed by MatMulNBits; the file also holds the full-precision parts (patch "
+                  "embedding, norms, position embeddings, head, estimators, activation scales and biases).", ""]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """PRepBN / RepBN / SLA modules, their folding, and the lam schedule (unit level, no pipeline)."""
 from __future__ import annotations
 
+import collections
 import copy
 
 import numpy as np
@@ -13,7 +14,7 @@ from edgeprep.recipe import TrainConfig
 from edgeprep.reparam.fold import (ReparamNotFinishedError, export_form, fold_into_linear_input,
                                    fold_into_output, fold_reparam, replay_fold)
 from edgeprep.reparam.norms import MaskedBatchNorm, PRepBN, RepBN, advance_all, lam_at
-from edgeprep.reparam.sla import SimplifiedLinearAttention, linear_attention
+from edgeprep.reparam.sla import SimplifiedLinearAttention, SLAInference, linear_attention
 from edgeprep.reparam.surgery import replay_reparam, reparam_model
 from edgeprep.train import train
 
@@ -228,6 +229,49 @@ def test_sla_module_orders_agree_and_class_token_gets_no_conv():
         grid = v[:, 1:, h * 16:(h + 1) * 16].transpose(1, 2).reshape(2, 16, 8, 8)
         per_head = sla.dwc(grid).flatten(2).transpose(1, 2).detach()
         torch.testing.assert_close(local[:, 1:, h * 16:(h + 1) * 16], per_head, rtol=1e-5, atol=1e-6)
+
+
+def _live_sla(tokens: int, grid, prefix: int, order: str = "auto") -> SimplifiedLinearAttention:
+    torch.manual_seed(3)
+    sla = SimplifiedLinearAttention(32, 2, 16, tokens, grid=grid, prefix_tokens=prefix, order=order)
+    with torch.no_grad():  # a trained layer: conv and positional term non-zero
+        sla.dwc.weight.normal_(0, 0.2)
+        sla.dwc.bias.normal_(0, 0.2)
+        sla.pos.normal_(0, 0.5)
+    return sla.eval()
+
+
+@pytest.mark.parametrize("tokens,grid,prefix", [(65, (8, 8), 1), (64, (8, 8), 0), (12, None, 0), (40, None, 2)])
+@pytest.mark.parametrize("order", ["kv_first", "qk_first"])
+def test_sla_inference_form_is_the_same_function(tokens, grid, prefix, order):
+    sla = _live_sla(tokens, grid, prefix, order)
+    fast = SLAInference(sla).eval()
+    x = torch.randn(3, tokens, 32)
+    with torch.no_grad():
+        ref, got = sla(x), fast(x)
+    assert float(ref.abs().max()) > 0.1
+    assert float((got - ref).abs().max()) < 1e-5
+    if prefix:  # the class token's output has no conv term in either form
+        with torch.no_grad():
+            sla.dwc.weight.zero_()
+            sla.dwc.bias.zero_()
+        no_conv = SLAInference(sla)(x).detach()
+        torch.testing.assert_close(no_conv[:, :prefix], got[:, :prefix], rtol=0, atol=1e-6)
+        assert float((no_conv[:, prefix:] - got[:, prefix:]).abs().max()) > 1e-3
+
+
+def test_sla_inference_form_has_no_layout_copies_on_ort(tmp_path):
+    """Its point: ORT runs it with no Transpose / Split node (the softmax layer needs four transposes)."""
+    pytest.importorskip("onnxruntime")
+    from edgeprep.exporters import get_exporter
+    from edgeprep.exporters.onnx import OnnxOptions
+    from edgeprep.exporters.onnxruntime_rt import optimized_graph
+
+    fast = SLAInference(_live_sla(64, (8, 8), 0)).eval()
+    art = get_exporter("onnx").export(fast, (torch.randn(2, 64, 32),), tmp_path / "sla", OnnxOptions())
+    ops = collections.Counter(n.op_type for n in optimized_graph(art.dir / "model.onnx", "extended").graph.node)
+    assert ops["Transpose"] == ops["Split"] == ops["ReduceSum"] == 0, ops
+    assert ops["Conv"] == 1 and ops["Relu"] == 2
 
 
 def test_sla_starts_from_the_original_weights():

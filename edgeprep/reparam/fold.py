@@ -19,6 +19,7 @@ from torch import nn
 
 from edgeprep.errors import BadInputError
 from edgeprep.reparam.norms import ChannelAffine, PRepBN
+from edgeprep.reparam.sla import SimplifiedLinearAttention, SLAInference
 from edgeprep.reparam.surgery import set_module
 
 FOLD_KIND = "reparam_fold"
@@ -32,24 +33,24 @@ class ReparamNotFinishedError(BadInputError):
 @torch.no_grad()
 def fold_into_linear_input(linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
     """linear(a * x + b) == linear'(x)."""
-    w = linear.weight.float()
-    bias = w @ b.float()
+    w = linear.weight.double()  # fold in float64: each folded weight is rounded once, at the end
+    bias = w @ b.double()
     if linear.bias is not None:
-        bias = bias + linear.bias.float()
+        bias = bias + linear.bias.double()
         linear.bias.copy_(bias.to(linear.bias.dtype))
     else:
         linear.bias = nn.Parameter(bias.to(linear.weight.dtype))
-    linear.weight.copy_((w * a.float()[None, :]).to(linear.weight.dtype))
+    linear.weight.copy_((w * a.double()[None, :]).to(linear.weight.dtype))
 
 
 @torch.no_grad()
 def fold_into_output(layer: nn.Conv2d | nn.Conv1d | nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
     """a * layer(x) + b == layer'(x), per output channel (bias included: a * c + b)."""
     shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-    w = layer.weight.float()
-    layer.weight.copy_((w * a.float().reshape(shape)).to(layer.weight.dtype))
-    c = layer.bias.float() if layer.bias is not None else torch.zeros_like(a, dtype=torch.float32)
-    new_bias = a.float() * c + b.float()
+    w = layer.weight.double()
+    layer.weight.copy_((w * a.double().reshape(shape)).to(layer.weight.dtype))
+    c = layer.bias.double() if layer.bias is not None else torch.zeros_like(a, dtype=torch.float64)
+    new_bias = a.double() * c + b.double()
     if layer.bias is not None:
         layer.bias.copy_(new_bias.to(layer.bias.dtype))
     else:
@@ -87,7 +88,7 @@ def fold_reparam(model: nn.Module, check_inputs: Optional[tuple[torch.Tensor, ..
     folded: dict[str, list[str]] = {}
     affine: list[str] = []
     for name, norm in norms:
-        a, b = norm.repbn.affine()
+        a, b = norm.repbn.affine(torch.float64)
         consumers = norm.consumers
         if consumers:
             for c in consumers:
@@ -116,11 +117,38 @@ def replay_fold(model: nn.Module, decision: dict) -> nn.Module:
     return model
 
 
+def has_sla(model: nn.Module) -> bool:
+    return any(isinstance(m, SimplifiedLinearAttention) for m in model.modules())
+
+
+@torch.no_grad()
+def sla_to_inference(model: nn.Module) -> list[str]:
+    """Swap every SimplifiedLinearAttention for its channel-first export form (SLAInference, the
+    same function); returns the swapped FQNs."""
+    names = [n for n, m in model.named_modules() if isinstance(m, SimplifiedLinearAttention)]
+    for name in names:
+        set_module(model, name, SLAInference(model.get_submodule(name)))
+    return names
+
+
+@torch.no_grad()
 def export_form(model: nn.Module, example: Optional[tuple[torch.Tensor, ...]] = None) -> nn.Module:
-    """The model an exporter should see: a folded copy when it has PRepBN norms, else itself.
-    ``example``: inputs the folded copy is checked on against the unfolded model."""
-    if not has_reparam(model):
+    """The model an exporter should see: a copy with PRepBN norms folded and SLA layers in their
+    export form when it has either, else the model itself. ``example``: inputs the copy is checked
+    on against the original model (fold and swap together)."""
+    if not (has_reparam(model) or has_sla(model)):
         return model
-    folded = copy.deepcopy(model)
-    fold_reparam(folded, example)
-    return folded.eval()
+    was_training = model.training
+    model.eval()
+    reference = model(*example) if example is not None else None
+    model.train(was_training)
+    out = copy.deepcopy(model).eval()
+    if has_reparam(out):
+        fold_reparam(out)
+    sla_to_inference(out)
+    if reference is not None:
+        err = float((out(*example) - reference).abs().max())
+        if not err <= FOLD_CHECK_MAX_ABS:
+            raise RuntimeError(f"the export form differs from the model by {err:.3g} (> {FOLD_CHECK_MAX_ABS}); "
+                               "the fold plan is wrong for this architecture")
+    return out

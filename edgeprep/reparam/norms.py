@@ -72,14 +72,15 @@ class RepBN(nn.Module):
         return self.bn(x) + self.alpha * x
 
     @torch.no_grad()
-    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, b) with eval-mode RepBN(x) == a * x + b, per channel (fp32)."""
+    def affine(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) with eval-mode RepBN(x) == a * x + b, per channel, computed in ``dtype`` (folding
+        uses float64 so the folded weights carry a single rounding)."""
         bn = self.bn
-        inv_std = torch.rsqrt(bn.running_var.float() + bn.eps)
-        gamma = bn.weight.float() if bn.affine else torch.ones_like(inv_std)
-        beta = bn.bias.float() if bn.affine else torch.zeros_like(inv_std)
-        a = gamma * inv_std + self.alpha.float()
-        b = beta - gamma * bn.running_mean.float() * inv_std
+        inv_std = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+        gamma = bn.weight.to(dtype) if bn.affine else torch.ones_like(inv_std)
+        beta = bn.bias.to(dtype) if bn.affine else torch.zeros_like(inv_std)
+        a = gamma * inv_std + self.alpha.to(dtype)
+        b = beta - gamma * bn.running_mean.to(dtype) * inv_std
         return a, b
 
 

@@ -16,6 +16,7 @@ original Q/K/V/output weights and training decides how much local mixing to add.
 """
 from __future__ import annotations
 
+import copy
 from typing import Literal, Optional
 
 import torch
@@ -112,3 +113,77 @@ class SimplifiedLinearAttention(nn.Module):
         else:
             conv = F.conv1d(body, weight, bias, padding=pad, groups=channels)
         return F.pad(conv.transpose(1, 2), (0, 0, p, 0))  # prefix tokens (class token): no conv term
+
+
+class SLAInference(nn.Module):
+    """The export form of a trained ``SimplifiedLinearAttention``: the same function (tests check it
+    to fp32 rounding), laid out channel-first so a runtime makes no layout copies at all:
+
+    - Q, K, V are computed as ``W @ x^T`` ([B, inner, N]); the transpose of x is absorbed by the
+      MatMul (ORT: FusedMatMul with transB), and no Split copy is made;
+    - K's bias and positional term are one [inner, N] constant added before the ReLU;
+    - heads are views ([B, H, d, N]); the output comes out channel-first, the layout the depthwise
+      conv on V wants, so V needs no transpose for the conv and the conv output none to be added;
+    - sum_j K_j is a MatMul with a ones column (a ReduceSum over tokens is a slow strided reduction);
+    - the output projection takes the channel-first output transposed (absorbed again, transA).
+    The softmax layer it replaces makes four head transposes; ORT's profile of this one has none.
+    """
+
+    def __init__(self, sla: SimplifiedLinearAttention):
+        super().__init__()
+        heads, head_dim = sla.num_heads, sla.head_dim
+        inner, dim = heads * head_dim, sla.qkv.in_features
+        tokens = sla.pos.shape[1]
+        self.num_heads, self.head_dim, self.grid = heads, head_dim, sla.grid
+        self.prefix_tokens, self.order = sla.prefix_tokens, sla.order
+        w = sla.qkv.weight.detach()
+        b = sla.qkv.bias.detach() if sla.qkv.bias is not None else w.new_zeros(3 * inner)
+        self.w_q, self.w_k, self.w_v = (nn.Parameter(w[i * inner:(i + 1) * inner].clone()) for i in range(3))
+        self.b_q = nn.Parameter(b[:inner, None].clone())  # [inner, 1]: broadcast over tokens
+        self.b_k = nn.Parameter((b[inner:2 * inner, None] + sla.pos.detach()[0].T).clone())  # [inner, N]
+        self.b_v = nn.Parameter(b[2 * inner:, None].clone())
+        # channel h * head_dim + j uses the shared filter j
+        conv = nn.Conv2d if self.grid is not None else nn.Conv1d
+        ks = sla.dwc.kernel_size[0]
+        self.dwc = conv(inner, inner, ks, padding=ks // 2, groups=inner)
+        with torch.no_grad():
+            self.dwc.weight.copy_(sla.dwc.weight.detach().repeat(heads, *([1] * (sla.dwc.weight.dim() - 1))))
+            self.dwc.bias.copy_(sla.dwc.bias.detach().repeat(heads))
+        self.proj = copy.deepcopy(sla.proj)
+        self.register_buffer("ones", w.new_ones(tokens, 1), persistent=False)
+        self.to(w.device, w.dtype)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Channel-first Q, K (bias and positional term added, before the ReLUs) and V: [B, inner, N]."""
+        x_t = x.transpose(1, 2)  # [B, dim, N]; the MatMuls read it transposed, no copy
+        return self.w_q @ x_t + self.b_q, self.w_k @ x_t + self.b_k, self.w_v @ x_t + self.b_v
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Token mixing from the channel-first projections: SLA + DWConv(V), channel-first [B, inner, N]."""
+        batch, inner, tokens = v.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        q = F.relu(q).float().reshape(batch, heads, head_dim, tokens)
+        k = F.relu(k).float()
+        k_sum = (k @ self.ones.float()).reshape(batch, heads, 1, head_dim)
+        k, v_h = k.reshape(batch, heads, head_dim, tokens), v.float().reshape(batch, heads, head_dim, tokens)
+        denom = k_sum @ q  # [B, H, 1, N]
+        kv_first = self.order == "kv_first" or (self.order == "auto" and tokens > head_dim)
+        # O^T = V^T (K Q^T) = (V^T K) Q^T: the [d, d] product first is O(N d^2)
+        num = (v_h @ k.transpose(-2, -1)) @ q if kv_first else v_h @ (k.transpose(-2, -1) @ q)
+        out = (num / (denom + EPS)).to(v.dtype).reshape(batch, inner, tokens)
+        return out + self._local(v)
+
+    def _local(self, v: torch.Tensor) -> torch.Tensor:
+        """DWConv of channel-first V [B, inner, N]; prefix tokens get no conv term."""
+        p = self.prefix_tokens
+        body = v[:, :, p:] if p else v
+        if self.grid is not None:
+            conv = self.dwc(body.reshape(*body.shape[:2], *self.grid)).flatten(2)
+        else:
+            conv = self.dwc(body)
+        return F.pad(conv, (p, 0)) if p else conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mix(*self.project(x))  # [B, inner, N]
+        return out.transpose(1, 2) @ self.proj.weight.T + self.proj.bias if self.proj.bias is not None \
+            else out.transpose(1, 2) @ self.proj.weight.T
