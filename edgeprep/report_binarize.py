@@ -4,7 +4,8 @@
 It states the settings (activation precision, estimator rank, intervention, loss weights), the
 validation accuracy of the fp32 teacher, right after binarizing (calibrated scales) and after
 training, a sampled loss history, and for every binarized artifact the binary weights' storage:
-INT2 on disk (2 bits per weight, ONNX has no 1-bit type) beside the ideal 1-bit size.
+bytes on disk (1 bit each packed, or 2 as INT2) against the same weights in fp32, and bits per
+weight resident at run time (32 once ORT unpacks packed weights at load, 2 in MatMulNBits).
 """
 from __future__ import annotations
 
@@ -54,12 +55,13 @@ def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
         info = _get(art, "info", "quantized_graph", "binary")
         if not isinstance(info, Mapping):
             continue
+        on_disk, fp32 = info.get("binary_weight_bytes_on_disk"), info.get("fp32_binary_weight_bytes")
+        ratio = f", {fp32 / on_disk:.1f}x fewer than fp32's {fmt_int(fp32)} B" if on_disk and fp32 else ""
         lines.append(f"artifact {art.get('name')}: {fmt_int(info.get('binary_weights'))} binary weights stored "
-                     f"as {'/'.join(info.get('binary_weight_storage') or [])}: "
-                     f"{fmt_int(info.get('binary_weight_bytes_on_disk'))} B on disk "
-                     f"({_text(info.get('bits_per_binary_weight_on_disk'))} bits each; 1 bit each would be "
-                     f"{fmt_int(info.get('ideal_1bit_binary_weight_bytes'))} B), kept packed at run time by "
-                     f"MatMulNBits; other initializers {fmt_int(info.get('other_initializer_bytes'))} B.")
+                     f"as {'/'.join(info.get('binary_weight_storage') or [])}: {fmt_int(on_disk)} B on disk "
+                     f"({_text(info.get('bits_per_binary_weight_on_disk'))} bits each{ratio}); at run time "
+                     f"{_text(info.get('resident_bits_per_binary_weight'))} bits each ({info.get('note', '')}); "
+                     f"other initializers {fmt_int(info.get('other_initializer_bytes'))} B.")
     return lines
 
 

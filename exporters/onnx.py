@@ -50,6 +50,7 @@ class OnnxOptions(ExportOptions):
     optimize: str = "extended"
     mobile: bool = False
     ptq: list[str] = Field(default_factory=list)
+    binary_storage: str = "packed1"  # binary weights: 1 bit each on disk (unpacked at load), or "int2"
 
     @classmethod
     def of(cls, options: Any) -> "OnnxOptions":
@@ -337,7 +338,7 @@ class OnnxExporter(Exporter):
                     warns: list[str] = []
                 else:
                     warns = _export_torchscript(model, example, path, opts.opset, external)
-                passes = finish_quantized_onnx(path, model) if is_quantized(model) else None
+                passes = finish_quantized_onnx(path, model, opts.binary_storage) if is_quantized(model) else None
                 check = _self_check(model, example, path, external, opts.optimize, keep)
                 if passes is not None:
                     check["quantized_graph"] = passes

@@ -6,7 +6,8 @@ of that (64 XNOR + popcount lanes per 64-bit word). Element-wise work (norms, so
 residual adds, the binarizers' own compare-and-scale) is not counted, as in the FLOP counters the
 papers' numbers are usually compared against; BERT-base at 128 tokens is then 22.35 GFLOPs (the
 papers' 22.5 G). Memory: float tensors at their dtype's size, binary weights at 1 bit each plus
-their scales (the papers' ideal; edgeprep's ONNX file holds INT2, see ``edgeprep.binary.export``).
+their scales (the papers' ideal, and what edgeprep's ONNX file holds by default: 1 bit packed per weight,
+see ``edgeprep.binary.packing``).
 Counted by forward hooks on one example batch, so it follows the model's real shapes.
 """
 from __future__ import annotations

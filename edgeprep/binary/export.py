@@ -1,9 +1,10 @@
 """What a binarized ONNX artifact holds, in bytes, honestly labelled (recorded in its manifest).
 
-Binary weights are stored as INT2 (ONNX has no 1-bit type; INT2 is the smallest integer type that
-holds -1 and +1), 4 per byte, and run in ORT's MatMulNBits, which keeps them packed at run time.
-So the file holds 2 bits per binary weight, not the 1 bit of the paper's accounting; the report
-gives both numbers rather than the ideal one alone.
+Two storages (OnnxOptions.binary_storage):
+- "packed1" (default): 8 signs per byte on disk (edgeprep.binary.packing); ORT unpacks them once
+  at session load into fp32 weights, so the file holds 1 bit per binary weight and the session 32;
+- "int2": INT2 (the smallest ONNX integer type holding -1 and +1), 4 per byte, run by ORT's
+  MatMulNBits, which keeps them packed: 2 bits per binary weight on disk and at run time.
 """
 from __future__ import annotations
 
@@ -32,11 +33,15 @@ def binary_summary(proto: Any, model: nn.Module) -> dict[str, Any]:
     """Counts and bytes of the binary weights and of everything else the file (and the session) holds."""
     import onnx
 
-    names = {f"{n}.qweight" for n, m in model.named_modules() if isinstance(m, BinaryLinear)}
+    from edgeprep.binary.packing import PACKED_SUFFIX
+
+    linears = {f"{n}.qweight": m for n, m in model.named_modules() if isinstance(m, BinaryLinear)}
     inits = list(proto.graph.initializer)
-    binary = [t for t in inits if t.name in names or (t.name.startswith(tuple(names)) and
-                                                      t.data_type == onnx.TensorProto.INT2)]
-    binary_weights = sum(int(np.prod(t.dims)) for t in binary)
+    int2 = [t for t in inits if t.name in linears]
+    packed = [t for t in inits if t.name.endswith(PACKED_SUFFIX) and t.name[:-len(PACKED_SUFFIX)] in linears]
+    binary = int2 + packed
+    binary_weights = sum(int(np.prod(t.dims)) for t in int2) + sum(
+        linears[t.name[:-len(PACKED_SUFFIX)]].weight.numel() for t in packed)
     binary_bytes = sum(_tensor_bytes(t) for t in binary)
     total = sum(_tensor_bytes(t) for t in inits)
     storage = sorted({onnx.TensorProto.DataType.Name(t.data_type) for t in binary})
@@ -45,5 +50,9 @@ def binary_summary(proto: Any, model: nn.Module) -> dict[str, Any]:
             "binary_weight_storage": storage, "initializer_bytes": total,
             "other_initializer_bytes": total - binary_bytes,
             "ideal_1bit_binary_weight_bytes": (binary_weights + 7) // 8,
-            "note": "binary weights stored as INT2 (ONNX has no 1-bit type) and kept packed at run time by "
-                    "MatMulNBits; other initializers (float parts, scales) as stored"}
+            "fp32_binary_weight_bytes": 4 * binary_weights,
+            "resident_bits_per_binary_weight": 32 if packed else 2,
+            "note": ("binary weights packed 8 per byte on disk; ONNX Runtime unpacks them to fp32 once, at "
+                     "session load (32 bits each resident)" if packed else
+                     "binary weights stored as INT2 (ONNX has no 1-bit type) and kept packed at run time by "
+                     "MatMulNBits (2 bits each resident)") + "; other initializers (float parts, scales) as stored"}

@@ -57,8 +57,8 @@ class BinaryLinear(nn.Linear):
 
     @property
     def weight_bits(self) -> int:
-        """Storage bits per weight in the exported file: INT2, the smallest ONNX integer type that
-        holds -1 and +1 (ONNX has no 1-bit type); ORT's MatMulNBits keeps it packed at run time."""
+        """Bits per weight of the n-bit pass (INT2, the smallest ONNX integer type holding -1 and
+        +1); edgeprep.binary.packing then repacks them to 1 bit unless binary_storage is "int2"."""
         return 2
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from edgeprep.binary.modules import BinaryLinear
+from edgeprep.errors import ExportError
 from edgeprep.quant.fake import LsqQuantizer
 from edgeprep.quant.linear import QuantLinear
 from edgeprep.quant.nbits import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, to_weight_only_nbits
@@ -34,8 +35,10 @@ def weight_only_bits(model: nn.Module) -> dict[str, int]:
     return bits
 
 
-def finish_quantized_onnx(path: Path, model: nn.Module) -> dict[str, Any]:
-    """Apply the passes to the file at ``path`` in place; returns what they did (for the manifest)."""
+def finish_quantized_onnx(path: Path, model: nn.Module, binary_storage: str = "packed1") -> dict[str, Any]:
+    """Apply the passes to the file at ``path`` in place; returns what they did (for the manifest).
+    ``binary_storage``: "packed1" (binary weights 1 bit each on disk, edgeprep.binary.packing) or
+    "int2" (2 bits, run packed by MatMulNBits)."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -46,7 +49,13 @@ def finish_quantized_onnx(path: Path, model: nn.Module) -> dict[str, Any]:
         info["nbits"] = nbits
     if any(isinstance(m, BinaryLinear) for m in model.modules()):
         from edgeprep.binary.export import binary_summary
+        from edgeprep.binary.packing import STORAGES, pack_binary_weights
 
+        if binary_storage not in STORAGES:
+            raise ExportError(f"binary_storage {binary_storage!r} is not one of {', '.join(STORAGES)}")
+        if binary_storage == "packed1":
+            binary = [name for name in bits if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), BinaryLinear)]
+            info["binary_packing"] = pack_binary_weights(proto, binary)
         info["binary"] = binary_summary(proto, model)
     onnx.save_model(proto, str(path))
     return info
