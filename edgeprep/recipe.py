@@ -265,6 +265,8 @@ class ExportTargetConfig(Strict):
     optimize: OptimizeLevel = "extended"  # ORT graph optimization level used to run/profile
     mobile: bool = False  # also write ORT's .ort format
     ptq: list[Literal["dynamic", "static"]] = Field(default_factory=list)  # ORT PTQ peers
+    # binarized models: binary weights 1 bit each on disk (unpacked at load) or INT2 (MatMulNBits)
+    binary_storage: Literal["packed1", "int2"] = "packed1"
 
     @field_validator("target")
     @classmethod
