@@ -264,6 +264,7 @@ class ExportTargetConfig(Strict):
     dynamo: bool = True  # dynamo exporter, falling back to TorchScript (recorded in the report)
     optimize: OptimizeLevel = "extended"  # ORT graph optimization level used to run/profile
     mobile: bool = False  # also write ORT's .ort format
+    mobile_fixed_batch: Optional[int] = Field(None, ge=1)  # .ort with the batch axis fixed (NNAPI / CoreML EPs)
     ptq: list[Literal["dynamic", "static"]] = Field(default_factory=list)  # ORT PTQ peers
     # binarized models: binary weights 1 bit each on disk (unpacked at load) or INT2 (MatMulNBits)
     binary_storage: Literal["packed1", "int2"] = "packed1"

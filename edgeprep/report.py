@@ -154,6 +154,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
         _run_section(report),
         _latency_section(arts),
         _precision_section(arts),
+        *_mobile_sections(arts),  # none without an .ort file
         _files_section(arts),
     ]
     return Document(f"edgeprep report: {_text(report.get('recipe'))}", passed, headline, sections)
@@ -268,10 +269,33 @@ def _precision_section(arts: list[Mapping[str, Any]]) -> Section:
                    [] if t.rows else ["No precision census was taken."])
 
 
+def _mobile_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
+    """ORT's mobile usability verdict (NNAPI / CoreML EP coverage) of each artifact with an .ort."""
+    from edgeprep.exporters.ort_mobile import verdict_line
+
+    lines = []
+    for a in arts:
+        mobile = _get(a, "info", "mobile")
+        if not isinstance(mobile, Mapping):
+            continue
+        fixed = mobile.get("fixed_batch")
+        shape = f"batch fixed to {fixed}" if fixed else "dynamic batch"
+        lines.append(f"{artifact_name(a)} ({_text(mobile.get('file'))}, {shape}): "
+                     f"{verdict_line(mobile.get('usability')) or MISSING}")
+    if not lines:
+        return []
+    lines.append("Verdict = ONNX Runtime's own check (onnxruntime.tools.check_onnx_model_mobile_usability): is it "
+                 "worth trying that execution provider instead of the CPU one. NNAPI takes no dynamic shapes; the "
+                 "export option mobile_fixed_batch writes the .ort with a fixed batch.")
+    return [Section("ORT Mobile usability", text=lines)]
+
+
 def _files_section(arts: list[Mapping[str, Any]]) -> Section:
     t = Table(["name", "target", "path", "sha256", "info"], numeric=[False] * 5)
     for a in arts:
         info = a.get("info")
+        if isinstance(info, Mapping) and isinstance(info.get("mobile"), Mapping):  # its verdict has a section
+            info = {**info, "mobile": info["mobile"].get("file")}
         info_s = ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, Mapping) else _text(info)
         t.rows.append([artifact_name(a), _text(a.get("target")), _text(a.get("path")), _text(a.get("sha256")),
                        info_s or MISSING])

@@ -17,7 +17,19 @@ from edgeprep.types import Artifact, LatencyStats, TensorSpec
 
 
 def run_batched(loaded, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """First output of the runtime over ``x`` in batches (the artifact has a dynamic batch axis)."""
+    """First output of the runtime over ``x`` in batches. A model with a fixed batch size (an .ort
+    written with mobile_fixed_batch) gets chunks of exactly that size, the last one padded with
+    copies of its last row (their outputs are dropped)."""
+    fixed = getattr(loaded, "fixed_batch", None)
+    if fixed:
+        outs = []
+        for i in range(0, len(x), fixed):
+            chunk = x[i:i + fixed]
+            pad = fixed - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            outs.append(loaded.run([chunk])[0][:fixed - pad])
+        return np.concatenate(outs, axis=0)
     outs = [loaded.run([x[i:i + batch_size]])[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0)
 
@@ -47,7 +59,7 @@ def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray, ref_outputs:
                            "samples": int(len(eval_y))}
     else:
         entry["metric"] = None
-    profile_inputs = [_batch_of(ref_inputs, batch)]
+    profile_inputs = [_batch_of(ref_inputs, getattr(loaded, "fixed_batch", None) or batch)]
     stats: LatencyStats = loaded.profile(profile_inputs, warmup=warmup, iters=iters)
     entry["latency_ms"] = stats.to_report()
     entry["precision"] = loaded.precision_census(save_graph_to=save_graph_to)

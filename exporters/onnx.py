@@ -8,6 +8,7 @@ running it at the example batch, at batch 3 and at batch 1 (profiling runs batch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import logging
@@ -49,6 +50,7 @@ class OnnxOptions(ExportOptions):
     dynamo: bool = True
     optimize: str = "extended"
     mobile: bool = False
+    mobile_fixed_batch: Optional[int] = Field(None, ge=1)  # .ort with its batch axis fixed (ORT Mobile EPs)
     ptq: list[str] = Field(default_factory=list)
     binary_storage: str = "packed1"  # binary weights: 1 bit each on disk (unpacked at load), or "int2"
 
@@ -261,8 +263,12 @@ def _clear(out_dir: Path, keep: set[Path]) -> None:
             p.unlink()
 
 
-def write_ort_format(onnx_path: Path) -> dict[str, str]:
-    """Convert to ORT's mobile format (fixed "all" optimizations, portable: no NCHWc layout)."""
+def write_ort_format(onnx_path: Path, fixed_batch: Optional[int] = None) -> dict[str, Any]:
+    """Convert to ORT's mobile format (fixed "all" optimizations, portable: no NCHWc layout), next
+    to ``onnx_path``, with ORT's mobile usability verdict of what was converted. ``fixed_batch``:
+    convert a copy whose batch axis is fixed to that size (edgeprep.exporters.ort_mobile)."""
+    from edgeprep.exporters.ort_mobile import fix_batch, mobile_usability
+
     with root_logging_kept():  # import first: the handler it installs must be gone before it logs
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
@@ -271,19 +277,24 @@ def write_ort_format(onnx_path: Path) -> dict[str, str]:
     chatty = logging.getLogger("ort_format_model.utils")
     level = chatty.level
     chatty.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            convert_onnx_models_to_ort(onnx_path, output_dir=out_dir,
-                                       optimization_styles=[OptimizationStyle.Fixed])
-    except Exception as exc:
-        raise ExportError(f"ORT-format conversion of {onnx_path.name} failed: {_short(exc)}") from None
-    finally:
-        chatty.setLevel(level)
+    with tempfile.TemporaryDirectory(prefix="edgeprep-ort-") as tmp:
+        source = onnx_path
+        if fixed_batch is not None:  # same file name, so the .ort and its config keep the model's stem
+            source = fix_batch(onnx_path, Path(tmp) / onnx_path.name, fixed_batch)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                convert_onnx_models_to_ort(source, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed])
+        except Exception as exc:
+            raise ExportError(f"ORT-format conversion of {onnx_path.name} failed: {_short(exc)}") from None
+        finally:
+            chatty.setLevel(level)
+        usability = mobile_usability(source)
     ort_file = onnx_path.with_suffix(".ort")
     config = onnx_path.with_suffix(".required_operators.config")
     if not ort_file.is_file() or not config.is_file():
         raise ExportError(f"ORT-format conversion did not write {ort_file.name} and {config.name}")
-    return {"file": ort_file.name, "config": config.name, "sha256": sha256_file(ort_file)}
+    return {"file": ort_file.name, "config": config.name, "sha256": sha256_file(ort_file),
+            "fixed_batch": fixed_batch, "usability": usability}
 
 
 class OnnxExporter(Exporter):
@@ -319,8 +330,8 @@ class OnnxExporter(Exporter):
         inputs, outputs = info.pop("inputs"), info.pop("outputs")
         info.update({"optimize": opts.optimize, "external_data": external, "torch": torch.__version__,
                      "inputs": [s.to_json() for s in inputs], "outputs": [s.to_json() for s in outputs]})
-        if opts.mobile:
-            info["mobile"] = write_ort_format(path)
+        if opts.mobile or opts.mobile_fixed_batch is not None:
+            info["mobile"] = write_ort_format(path, opts.mobile_fixed_batch)
         return describe_file(opts.name or self.target, self.target, self.runtime, path, inputs, outputs,
                              info=info)
 
@@ -374,8 +385,13 @@ class OrtMobileExporter(OnnxExporter):
         opts = OnnxOptions.of(options).model_copy(update={"mobile": True})
         art = super().export(model, example_inputs, out_dir, opts)
         info = {**dict(art.info), "format": "ort", "source_onnx": art.path.name}
+        fixed = opts.mobile_fixed_batch
+        inputs, outputs = art.inputs, art.outputs
+        if fixed is not None:  # the .ort takes exactly that many rows
+            inputs, outputs = ([dataclasses.replace(t, shape=(fixed, *t.shape[1:])) for t in specs]
+                               for specs in (art.inputs, art.outputs))
         return describe_file(art.name, self.target, self.runtime, art.dir / info["mobile"]["file"],
-                             art.inputs, art.outputs, info=info)
+                             inputs, outputs, info=info)
 
     def derived(self, artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_root: Path,
                 options: Any) -> list[Artifact]:

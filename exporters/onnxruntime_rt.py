@@ -158,6 +158,9 @@ class OrtModel(LoadedModel):
         dtype_of = dict(zip(names, self._dtypes))
         self._dtypes = [dtype_of[n] for n in self.input_names]
         self.output_names = tuple(o.name for o in self.session.get_outputs())
+        first = sess_inputs[0].shape[0] if sess_inputs and sess_inputs[0].shape else None
+        # an .ort written with mobile_fixed_batch takes exactly that many rows per call
+        self.fixed_batch: Optional[int] = first if isinstance(first, int) and first > 0 else None
 
     def _feed(self, inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         if len(inputs) != len(self.input_names):

@@ -312,3 +312,19 @@ def test_pruning_details_with_missing_fields_render(tmp_path, sample):
     assert "| MACs | — | — | — |" in md
     assert "settings: not recorded." in md and "No pruning history was recorded." in md
     assert paths["prune_sparsity"].read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_ort_mobile_usability_section(tmp_path, sample):
+    entry = {"ep": "NNAPI (Android)", "nodes": 40, "supported_nodes": 1, "partitions": 1, "unsupported_ops": ["ai.onnx:Gelu"],
+             "nodes_unsupported_due_to_dynamic_shapes": 38, "verdict": "NO",
+             "if_inputs_fixed": {"nodes": 40, "supported_nodes": 39, "partitions": 1, "verdict": "YES"}}
+    mobile = art("ort-mobile", "edgeprep", 5.0, 0.9667, 38.71, 2_000_000, 0.9, {"MatMul": 3}, 1.9)
+    mobile["target"] = "ort-mobile"
+    mobile["info"]["mobile"] = {"file": "model.ort", "fixed_batch": None,
+                                "usability": {"dynamic_inputs": ["x"], "eps": {"nnapi": entry}}}
+    sample["artifacts"].append(mobile)
+    md = write_reports(tmp_path, sample)["md"].read_text()
+    assert "## ORT Mobile usability" in md
+    assert ("ort-mobile (model.ort, dynamic batch): NNAPI (Android): NO (1/40 nodes, 1 partition), "
+            "with fixed input shapes YES (39/40)") in md
+    assert "mobile=model.ort" in md  # the files table names the file, not the whole verdict
