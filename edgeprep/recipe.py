@@ -268,6 +268,9 @@ class ExportTargetConfig(Strict):
     ptq: list[Literal["dynamic", "static"]] = Field(default_factory=list)  # ORT PTQ peers
     # binarized models: binary weights 1 bit each on disk (unpacked at load) or INT2 (MatMulNBits)
     binary_storage: Literal["packed1", "int2"] = "packed1"
+    # executorch options
+    static_batch: int = Field(1, ge=1)  # edge programs run one fixed input shape
+    int8: bool = False  # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer)
 
     @field_validator("target")
     @classmethod
@@ -325,13 +328,17 @@ class Recipe(Strict):
         check_stage_order([s.kind for s in self.stages])
         # Every directory the exports will write, including derived ones (-baseline, -ptq-*).
         names = [n for e in self.export
-                 for n in (e.artifact_name, f"{e.artifact_name}-baseline", *(f"{e.artifact_name}-ptq-{k}" for k in e.ptq))]
+                 for n in (e.artifact_name, f"{e.artifact_name}-baseline", *(f"{e.artifact_name}-ptq-{k}" for k in e.ptq),
+                           *([f"{e.artifact_name}-int8", f"{e.artifact_name}-baseline-int8"] if e.int8 else []))]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"export: artifact name(s) {', '.join(dupes)} used twice; give each a distinct `name`")
         for i, e in enumerate(self.export):
             if e.target != "onnx" and (e.ptq or e.mobile):
                 raise ValueError(f"export.{i}: `ptq` and `mobile` apply to target onnx only, not {e.target}")
+            if e.int8 and e.target != "executorch":
+                raise ValueError(f"export.{i}: `int8` applies to target executorch only, not {e.target} "
+                                 "(for onnx use `ptq: [static]`)")
         sla_at = next((i for i, st in enumerate(self.stages)
                        if isinstance(st, ReparamConfig) and st.attention == "sla"), None)
         qat_at = next((i for i, st in enumerate(self.stages) if isinstance(st, QatConfig)), None)

@@ -24,6 +24,12 @@ def test_wheel_contents_and_install(tmp_path):
                      "edgeprep/exporters/onnxruntime_rt.py", "edgeprep/recipes/quickstart.yaml",
                      "edgeprep/cli.py", "edgeprep/stages/finetune.py", "edgeprep/pruning/surgery.py"):
         assert required in names, required
+    # every package of the source tree ships (a package left out of pyproject's list imports only
+    # from an editable install)
+    for init in sorted((REPO / "edgeprep").rglob("__init__.py")):
+        rel = init.relative_to(REPO).as_posix()
+        if "__pycache__" not in rel:
+            assert rel in names, f"{rel} is not in the wheel: add its package to pyproject.toml"
 
     # Install it (no deps: they come from this venv) and use it from outside the repo.
     target = tmp_path / "site"
