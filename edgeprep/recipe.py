@@ -268,9 +268,10 @@ class ExportTargetConfig(Strict):
     ptq: list[Literal["dynamic", "static"]] = Field(default_factory=list)  # ORT PTQ peers
     # binarized models: binary weights 1 bit each on disk (unpacked at load) or INT2 (MatMulNBits)
     binary_storage: Literal["packed1", "int2"] = "packed1"
-    # executorch options
+    # executorch / litert options
     static_batch: int = Field(1, ge=1)  # edge programs run one fixed input shape
-    int8: bool = False  # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer)
+    # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer; litert: ai-edge-quantizer)
+    int8: bool = False
 
     @field_validator("target")
     @classmethod
@@ -336,8 +337,8 @@ class Recipe(Strict):
         for i, e in enumerate(self.export):
             if e.target != "onnx" and (e.ptq or e.mobile):
                 raise ValueError(f"export.{i}: `ptq` and `mobile` apply to target onnx only, not {e.target}")
-            if e.int8 and e.target != "executorch":
-                raise ValueError(f"export.{i}: `int8` applies to target executorch only, not {e.target} "
+            if e.int8 and e.target not in ("executorch", "litert"):
+                raise ValueError(f"export.{i}: `int8` applies to targets executorch and litert, not {e.target} "
                                  "(for onnx use `ptq: [static]`)")
         sla_at = next((i for i, st in enumerate(self.stages)
                        if isinstance(st, ReparamConfig) and st.attention == "sla"), None)

@@ -28,14 +28,17 @@ def get_runtime(name: str) -> Runtime:
 def _register() -> None:
     # Importing these modules is cheap: they import onnx/onnxruntime/torch inside functions only.
     from edgeprep.exporters.executorch import ExecuTorchExporter, ExecuTorchRuntime
+    from edgeprep.exporters.litert import LiteRTExporter, LiteRTRuntime
     from edgeprep.exporters.onnx import OnnxExporter, OrtMobileExporter
     from edgeprep.exporters.onnxruntime_rt import OrtRuntime
 
     EXPORTERS["onnx"] = OnnxExporter
     EXPORTERS["ort-mobile"] = OrtMobileExporter
     EXPORTERS["executorch"] = ExecuTorchExporter
+    EXPORTERS["litert"] = LiteRTExporter
     RUNTIMES["onnxruntime"] = OrtRuntime
     RUNTIMES["executorch"] = ExecuTorchRuntime
+    RUNTIMES["litert"] = LiteRTRuntime
 
 
 _register()
