@@ -18,6 +18,35 @@ class ExportOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @classmethod
+    def of(cls, options: Any) -> "ExportOptions":
+        """This target's options from an instance, None (defaults) or the recipe's
+        ExportTargetConfig (its fields of the same names that are set; ``name`` defaults to its
+        ``artifact_name``)."""
+        if isinstance(options, cls):
+            return options
+        if options is None:
+            return cls()
+        fields = {k: getattr(options, k) for k in cls.model_fields if getattr(options, k, None) is not None}
+        if "name" in cls.model_fields and "name" not in fields and getattr(options, "artifact_name", None):
+            fields["name"] = options.artifact_name
+        return cls(**fields)
+
+
+def package_version(dist: str) -> str | None:
+    """Installed version of a distribution, for the manifest (None when not installed)."""
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """One line for an error message: the type and the whitespace-collapsed text, capped."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+
 
 class Exporter(ABC):
     target: ClassVar[str]  # registry key, e.g. "onnx"

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import Exporter, ExportOptions, LoadedModel, Runtime
+from edgeprep.exporters.base import Exporter, ExportOptions, LoadedModel, Runtime, package_version, short_error
 from edgeprep.fsutil import write_bytes_atomic
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
@@ -44,16 +44,6 @@ class ExecuTorchOptions(ExportOptions):
     static_batch: int = Field(1, ge=1)  # the batch the program runs (edge programs have fixed shapes)
     int8: bool = False  # also make the PT2E int8 peer (derived, calibrated)
 
-    @classmethod
-    def of(cls, options: Any) -> "ExecuTorchOptions":
-        if isinstance(options, cls):
-            return options
-        if options is None:
-            return cls()
-        fields = {k: getattr(options, k) for k in cls.model_fields if hasattr(options, k)}
-        if "name" not in fields and getattr(options, "artifact_name", None):
-            fields["name"] = options.artifact_name
-        return cls(**{k: v for k, v in fields.items() if v is not None})
 
 
 def _need_executorch() -> None:
@@ -62,10 +52,6 @@ def _need_executorch() -> None:
     except ImportError:
         raise MissingDependencyError(f"the executorch target needs ExecuTorch: {INSTALL}") from None
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _lower(exported: Any) -> tuple[bytes, dict[str, Any]]:
@@ -125,14 +111,14 @@ class ExecuTorchExporter(Exporter):
         except (MissingDependencyError, ExportError):
             raise
         except Exception as exc:
-            raise ExportError(f"ExecuTorch export failed: {_one_line(exc)}") from None
+            raise ExportError(f"ExecuTorch export failed: {short_error(exc)}") from None
         finally:
             model.train(was_training)
         write_bytes_atomic(out_dir / PROGRAM_FILE, buf.getvalue())
         write_bytes_atomic(out_dir / MODEL_FILE, pte)
         inputs, outs = _specs(example, outputs)
         info = {"batch": opts.static_batch, "precision": "fp32", "xnnpack": partitions, "program": PROGRAM_FILE,
-                "executorch": _version("executorch"), "torch": torch.__version__}
+                "executorch": package_version("executorch"), "torch": torch.__version__}
         return describe_file(opts.name or self.target, self.target, self.runtime, out_dir / MODEL_FILE,
                              inputs, outs, info=info)
 
@@ -173,7 +159,7 @@ def quantize_int8(artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_di
             with torch.no_grad():
                 outputs = converted(*example)
     except Exception as exc:
-        raise ExportError(f"ExecuTorch int8 (PT2E) failed for {artifact.name}: {_one_line(exc)}") from None
+        raise ExportError(f"ExecuTorch int8 (PT2E) failed for {artifact.name}: {short_error(exc)}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out_dir / PROGRAM_FILE, reference.getvalue())  # the PyTorch quantized reference
     write_bytes_atomic(out_dir / MODEL_FILE, pte)
@@ -181,18 +167,10 @@ def quantize_int8(artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_di
     inputs, outs = _specs(example, outputs)
     info = {"batch": batch, "precision": "int8 (PT2E, XNNPACKQuantizer: per-channel weights, static activations)",
             "calibration_rows": int(len(calib[0]) // batch * batch), "xnnpack": partitions, "program": PROGRAM_FILE,
-            "executorch": _version("executorch"), "torch": torch.__version__}
+            "executorch": package_version("executorch"), "torch": torch.__version__}
     return describe_file(f"{artifact.name}-int8", "executorch", "executorch", out_dir / MODEL_FILE, inputs, outs,
                          role="ptq", info=info)
 
-
-def _version(dist: str) -> Optional[str]:
-    import importlib.metadata as md
-
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
 
 
 class ExecuTorchModel(LoadedModel):
@@ -206,7 +184,7 @@ class ExecuTorchModel(LoadedModel):
         try:
             self.method = EtRuntime.get().load_program(Path(artifact.path)).load_method("forward")
         except Exception as exc:
-            raise RuntimeFailure(f"{artifact.path}: ExecuTorch cannot load it: {_one_line(exc)}") from None
+            raise RuntimeFailure(f"{artifact.path}: ExecuTorch cannot load it: {short_error(exc)}") from None
         self.input_names = tuple(s.name for s in artifact.inputs)
         self.output_names = tuple(s.name for s in artifact.outputs)
         self._dtypes = [np.dtype(s.dtype) for s in artifact.inputs]
@@ -226,7 +204,7 @@ class ExecuTorchModel(LoadedModel):
             return [o.numpy().copy() for o in self.method.execute(tensors)]
         except Exception as exc:
             shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
-            raise RuntimeFailure(f"{self.artifact.path}: ExecuTorch failed on inputs {shapes}: {_one_line(exc)}") from None
+            raise RuntimeFailure(f"{self.artifact.path}: ExecuTorch failed on inputs {shapes}: {short_error(exc)}") from None
 
     def profile(self, inputs: Sequence[np.ndarray], warmup: int, iters: int) -> LatencyStats:
         from edgeprep.measure.latency import time_callable

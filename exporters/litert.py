@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import Exporter, ExportOptions, LoadedModel, Runtime
+from edgeprep.exporters.base import Exporter, ExportOptions, LoadedModel, Runtime, package_version, short_error
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
 
@@ -38,16 +38,6 @@ class LiteRTOptions(ExportOptions):
     static_batch: int = Field(1, ge=1)
     int8: bool = False
 
-    @classmethod
-    def of(cls, options: Any) -> "LiteRTOptions":
-        if isinstance(options, cls):
-            return options
-        if options is None:
-            return cls()
-        fields = {k: getattr(options, k) for k in cls.model_fields if hasattr(options, k)}
-        if "name" not in fields and getattr(options, "artifact_name", None):
-            fields["name"] = options.artifact_name
-        return cls(**{k: v for k, v in fields.items() if v is not None})
 
 
 def _need(module: str, extra: str) -> None:
@@ -56,9 +46,6 @@ def _need(module: str, extra: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise MissingDependencyError(f"the litert target needs {module}: pip install 'edgeprep[{extra}]'")
 
-
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def _interpreter(path: Path, threads: int = 1) -> Any:
@@ -69,7 +56,7 @@ def _interpreter(path: Path, threads: int = 1) -> Any:
         it = Interpreter(model_path=str(path), num_threads=int(threads))
         it.allocate_tensors()
     except Exception as exc:
-        raise RuntimeFailure(f"{path}: the LiteRT interpreter cannot load it: {_one_line(exc)}") from None
+        raise RuntimeFailure(f"{path}: the LiteRT interpreter cannot load it: {short_error(exc)}") from None
     return it
 
 
@@ -99,12 +86,12 @@ class LiteRTExporter(Exporter):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 litert_torch.convert(model, example).export(str(out_dir / MODEL_FILE))
         except Exception as exc:
-            raise ExportError(f"LiteRT conversion failed: {_one_line(exc)}") from None
+            raise ExportError(f"LiteRT conversion failed: {short_error(exc)}") from None
         finally:
             model.train(was_training)
         it = _interpreter(out_dir / MODEL_FILE)
         info = {"batch": opts.static_batch, "precision": "fp32", "ops": dict(op_counts(it)),
-                "litert_torch": _version("litert-torch"), "torch": torch.__version__}
+                "litert_torch": package_version("litert-torch"), "torch": torch.__version__}
         return describe_file(opts.name or self.target, self.target, self.runtime, out_dir / MODEL_FILE,
                              _specs(it.get_input_details(), "input"), _specs(it.get_output_details(), "output"),
                              info=info)
@@ -137,7 +124,7 @@ def quantize_int8(artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_di
             result = qt.calibrate({signature: samples})
             qt.quantize(result).export_model(str(out_dir / MODEL_FILE), overwrite=True)
     except Exception as exc:
-        raise ExportError(f"LiteRT int8 quantization failed for {artifact.name}: {_one_line(exc)}") from None
+        raise ExportError(f"LiteRT int8 quantization failed for {artifact.name}: {short_error(exc)}") from None
     q = _interpreter(out_dir / MODEL_FILE)
     info = {"batch": batch, "precision": "int8 (ai-edge-quantizer static_wi8_ai8, min/max)", "calibration_rows": rows,
             "ops": dict(op_counts(q)), "io_dtypes": [str(d["dtype"].__name__) for d in q.get_input_details()]}
@@ -149,14 +136,6 @@ def quantize_int8(artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_di
 def op_counts(it: Any) -> collections.Counter:
     return collections.Counter(op["op_name"] for op in it._get_ops_details())
 
-
-def _version(dist: str) -> Optional[str]:
-    import importlib.metadata as md
-
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
 
 
 def quantize_input(x: np.ndarray, detail: dict) -> np.ndarray:
@@ -200,7 +179,7 @@ class LiteRTModel(LoadedModel):
         try:
             self.it.invoke()
         except Exception as exc:
-            raise RuntimeFailure(f"{self.artifact.path}: LiteRT failed: {_one_line(exc)}") from None
+            raise RuntimeFailure(f"{self.artifact.path}: LiteRT failed: {short_error(exc)}") from None
         return [dequantize_output(self.it.get_tensor(d["index"]), d) for d in self.outputs]
 
     def profile(self, inputs: Sequence[np.ndarray], warmup: int, iters: int) -> LatencyStats:

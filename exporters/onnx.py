@@ -54,17 +54,6 @@ class OnnxOptions(ExportOptions):
     ptq: list[str] = Field(default_factory=list)
     binary_storage: str = "packed1"  # binary weights: 1 bit each on disk (unpacked at load), or "int2"
 
-    @classmethod
-    def of(cls, options: Any) -> "OnnxOptions":
-        if isinstance(options, cls):
-            return options
-        if options is None:
-            return cls()
-        fields = {k: getattr(options, k) for k in cls.model_fields if hasattr(options, k)}
-        if "name" not in fields and getattr(options, "artifact_name", None):
-            fields["name"] = options.artifact_name
-        return cls(**fields)
-
 
 def _short(exc: BaseException) -> str:
     """One line naming the failing step and the root cause.
