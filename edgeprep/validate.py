@@ -18,8 +18,8 @@ from edgeprep.types import Artifact, LatencyStats, TensorSpec
 
 def run_batched(loaded, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """First output of the runtime over ``x`` in batches. A model with a fixed batch size (an .ort
-    written with mobile_fixed_batch) gets chunks of exactly that size, the last one padded with
-    copies of its last row (their outputs are dropped)."""
+    written with mobile_fixed_batch, an ExecuTorch or LiteRT program) gets chunks of exactly that
+    size, the last one padded with copies of its last row (their outputs are dropped)."""
     fixed = getattr(loaded, "fixed_batch", None)
     if fixed:
         outs = []

@@ -78,6 +78,7 @@ class LoadedModel(ABC):
 
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    fixed_batch: int | None = None  # a static-shape model takes exactly this many rows per call
 
     @abstractmethod
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
