@@ -73,6 +73,21 @@ class Exporter(ABC):
         return []
 
 
+class Int8PeerExporter(Exporter):
+    """A target whose options have ``int8``: ``derived`` makes the runtime's own int8 PTQ peer
+    (``<name>-int8``) from the fp32 artifact with the pipeline's calibration inputs."""
+
+    @abstractmethod
+    def int8_peer(self, artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_dir: Path) -> Artifact:
+        """Write the int8 peer of ``artifact`` into ``out_dir`` and describe it."""
+
+    def derived(self, artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_root: Path,
+                options: ExportOptions) -> list[Artifact]:
+        if not getattr(self.options_model.of(options), "int8", False) or not len(calib_inputs):
+            return []
+        return [self.int8_peer(artifact, calib_inputs, Path(out_root) / f"{artifact.name}-int8")]
+
+
 class LoadedModel(ABC):
     """An artifact loaded into its runtime with a fixed thread count."""
 

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import Exporter, ExportOptions, LoadedModel, Runtime, package_version, short_error
+from edgeprep.exporters.base import ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version, short_error
 from edgeprep.fsutil import write_bytes_atomic
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
@@ -84,7 +84,7 @@ def _specs(example: Sequence[Any], outputs: Sequence[Any]) -> tuple[list[TensorS
     return ins, outs
 
 
-class ExecuTorchExporter(Exporter):
+class ExecuTorchExporter(Int8PeerExporter):
     target = "executorch"
     runtime = "executorch"
     options_model = ExecuTorchOptions
@@ -122,12 +122,8 @@ class ExecuTorchExporter(Exporter):
         return describe_file(opts.name or self.target, self.target, self.runtime, out_dir / MODEL_FILE,
                              inputs, outs, info=info)
 
-    def derived(self, artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_root: Path,
-                options: Any) -> list[Artifact]:
-        opts = ExecuTorchOptions.of(options)
-        if not opts.int8 or not len(calib_inputs):
-            return []
-        return [quantize_int8(artifact, calib_inputs, Path(out_root) / f"{artifact.name}-int8")]
+    def int8_peer(self, artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_dir: Path) -> Artifact:
+        return quantize_int8(artifact, calib_inputs, out_dir)
 
 
 def quantize_int8(artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_dir: Path) -> Artifact:

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import Exporter, ExportOptions, LoadedModel, Runtime, package_version, short_error
+from edgeprep.exporters.base import ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version, short_error
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
 
@@ -65,7 +65,7 @@ def _specs(details: Sequence[dict], prefix: str) -> list[TensorSpec]:
             for i, d in enumerate(details)]
 
 
-class LiteRTExporter(Exporter):
+class LiteRTExporter(Int8PeerExporter):
     target = "litert"
     runtime = "litert"
     options_model = LiteRTOptions
@@ -96,12 +96,8 @@ class LiteRTExporter(Exporter):
                              _specs(it.get_input_details(), "input"), _specs(it.get_output_details(), "output"),
                              info=info)
 
-    def derived(self, artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_root: Path,
-                options: Any) -> list[Artifact]:
-        opts = LiteRTOptions.of(options)
-        if not opts.int8 or not len(calib_inputs):
-            return []
-        return [quantize_int8(artifact, calib_inputs, Path(out_root) / f"{artifact.name}-int8")]
+    def int8_peer(self, artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_dir: Path) -> Artifact:
+        return quantize_int8(artifact, calib_inputs, out_dir)
 
 
 def quantize_int8(artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_dir: Path) -> Artifact:
