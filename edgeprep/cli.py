@@ -73,17 +73,23 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     for a in report["artifacts"]:
         m, p, lat, prec = a.get("metric"), a.get("parity") or {}, a.get("latency_ms") or {}, a.get("precision")
         sq = p.get("sqnr_db")
+        if a.get("not_run"):  # its runtime cannot run on this machine (reason below the table)
+            table.add_row(a["name"], a["role"], a["runtime"], *(["not run here"] + ["-"] * 5), f"{a['bytes']:,}")
+            continue
         table.add_row(a["name"], a["role"], a["runtime"], f"{m['value']:.4f}" if m else "-",
                       "identical" if sq is None and p else (f"{sq:.1f}" if sq is not None else "-"),
                       f"{lat.get('p50', 0):.3f}", f"{lat.get('p90', 0):.3f}",
                       f"{a['speedup']:.2f}x" if a.get("speedup") else "-",
                       f"{prec['low_precision_op_fraction']:.2f}" if prec else "-", f"{a['bytes']:,}")
     out.print(table)
+    for a in report["artifacts"]:
+        if a.get("not_run"):
+            out.print(f"{escape(a['name'])}: not run on this machine: {escape(a['not_run'])}")
     for g in report["gates"]:
-        color = "green" if g["passed"] else "red"
+        color = "yellow" if g.get("skipped") else ("green" if g["passed"] else "red")
+        word = "SKIP" if g.get("skipped") else ("PASS" if g["passed"] else "FAIL")
         where = escape(f"[{g['artifact']}]") if g.get("artifact") else ""
-        out.print(f"[{color}]{'PASS' if g['passed'] else 'FAIL'}[/{color}] {g['name']}{where}: "
-                  f"value {g['value']} limit {g['limit']}")
+        out.print(f"[{color}]{word}[/{color}] {g['name']}{where}: value {g['value']} limit {g['limit']}")
     out.print(f"report: {run_dir / 'report.html'}  ({'passed' if report['passed'] else 'FAILED'})")
 
 
@@ -222,13 +228,22 @@ def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
            opset: int = typer.Option(20, help="ONNX opset (>= 18)."),
            optimize: str = typer.Option("extended", help="ORT graph optimization level."),
            mobile: bool = typer.Option(False, help="Also write ORT's .ort format."),
+           static_batch: int = typer.Option(1, min=1, help="Batch the edge targets (executorch, litert, coreml, "
+                                                          "tensorrt) are built for."),
+           coreml_weights: str = typer.Option("auto", help="coreml: auto (the model's own compression), fp16, fp32, "
+                                                          "int8, palettize4, palettize2 or int4-block."),
+           coreml_target: Optional[str] = typer.Option(None, help="coreml: iOS16, iOS17 or iOS18 (default: the "
+                                                                  "lowest the weights allow)."),
            trust_pickle: bool = typer.Option(False, "--trust-pickle"),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Export a checkpoint to one target (artifact dir with manifest and reference data)."""
     from edgeprep.single_stage import export_checkpoint
 
-    art = export_checkpoint(ckpt, output, {"target": target, "opset": opset, "optimize": optimize,
-                                           "mobile": mobile}, trust_pickle=trust_pickle)
+    options: dict[str, Any] = {"target": target, "opset": opset, "optimize": optimize, "mobile": mobile,
+                               "static_batch": static_batch}
+    if target == "coreml":
+        options.update(coreml_weights=coreml_weights, coreml_target=coreml_target)
+    art = export_checkpoint(ckpt, output, options, trust_pickle=trust_pickle)
     if as_json:
         _emit_json({"name": art.name, "target": art.target, "path": str(art.path), "bytes": art.size_bytes,
                     "sha256": art.sha256})

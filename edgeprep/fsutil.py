@@ -72,9 +72,26 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
 
 
+def _package_files(path: Path) -> list[Path]:
+    return sorted(p for p in Path(path).rglob("*") if p.is_file())
+
+
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a file, or of a package directory (a Core ML .mlpackage): every file's relative
+    path and contents in sorted order, so renaming or editing any file inside changes it."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
-            h.update(block)
+    path = Path(path)
+    files = _package_files(path) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk_bytes):
+                h.update(block)
     return h.hexdigest()
+
+
+def path_bytes(path: Path) -> int:
+    """Bytes on disk of a model file, or the sum over a package directory's files."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in _package_files(path)) if path.is_dir() else path.stat().st_size

@@ -139,13 +139,20 @@ def evaluate_gates(gates: GatesConfig, report: Mapping[str, Any]) -> list[dict[s
     shipped = [a for a in report.get("artifacts") or [] if isinstance(a, Mapping) and a.get("role", SHIPPED_ROLE) == SHIPPED_ROLE]
     results: list[dict[str, Any]] = []
     for name, (measure, upper) in GATES.items():
-        limit = getattr(gates, name)
+        limit = getattr(gates, name, None)
         if limit is None:
             continue
         if not shipped:
             results.append(_result(name, None, limit, None, False, "no artifact with role 'edgeprep' to judge"))
             continue
         for art in shipped:
+            not_run = art.get("not_run")
+            if not_run and name != "max_size_bytes":  # the size is known without running it
+                skip = getattr(gates, "unavailable_runtimes", "fail") == "skip"
+                note = f"not run on this machine: {not_run}" + (" (skipped: gates.unavailable_runtimes is skip)"
+                                                                 if skip else "")
+                results.append(_result(name, artifact_name(art), limit, None, skip, note, skipped=skip))
+                continue
             value, note = measure(report, art)
             passed = value is not None and within(value, float(limit), upper=upper)
             results.append(_result(name, artifact_name(art), limit, value, passed, note))
@@ -153,13 +160,16 @@ def evaluate_gates(gates: GatesConfig, report: Mapping[str, Any]) -> list[dict[s
 
 
 def _result(name: str, artifact: Optional[str], limit: Any, value: Optional[float], passed: bool,
-            note: Optional[str]) -> dict[str, Any]:
+            note: Optional[str], skipped: bool = False) -> dict[str, Any]:
     # JSON has no infinity: an identical-output SQNR is stored as null with its note (and passed).
     json_value = value if value is None or math.isfinite(value) else None
     if isinstance(limit, int) and json_value is not None and float(json_value).is_integer():
         json_value = int(json_value)  # byte counts stay integers in report.json
-    return {"name": name, "artifact": artifact, "limit": limit, "value": json_value,
-            "passed": bool(passed), "note": note}
+    result = {"name": name, "artifact": artifact, "limit": limit, "value": json_value,
+              "passed": bool(passed), "note": note}
+    if skipped:
+        result["skipped"] = True
+    return result
 
 
 def failed_gates(results: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

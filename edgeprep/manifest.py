@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from edgeprep.errors import BadInputError, IntegrityError
-from edgeprep.fsutil import sha256_file, write_bytes_atomic, write_json_atomic
+from edgeprep.fsutil import path_bytes, sha256_file, write_bytes_atomic, write_json_atomic
 from edgeprep.types import Artifact, TensorSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -30,7 +30,7 @@ def describe_file(name: str, target: str, runtime: str, path: Path, inputs: Sequ
     path = Path(path)
     return Artifact(name=name, target=target, runtime=runtime, path=path, inputs=tuple(inputs),
                     outputs=tuple(outputs), sha256=sha256_file(path),
-                    size_bytes=path.stat().st_size, role=role, info=dict(info or {}))
+                    size_bytes=path_bytes(path), role=role, info=dict(info or {}))
 
 
 def write_manifest(artifact: Artifact, *, task: str, ref_inputs: Sequence[np.ndarray],
@@ -92,7 +92,7 @@ def load_artifact(artifact_dir: Path, verify: bool = True) -> Artifact:
     artifact_dir = Path(artifact_dir)
     m = read_manifest(artifact_dir)
     path = artifact_dir / m["file"]
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):  # a directory: a Core ML .mlpackage
         raise IntegrityError(f"{path}: model file named in {MANIFEST_NAME} is missing; re-export it")
     if verify:
         actual = sha256_file(path)

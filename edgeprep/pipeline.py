@@ -311,11 +311,11 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
                  "path": str(art.path), "bytes": art.size_bytes, "sha256": art.sha256, **measured,
                  "info": dict(art.info)}
         entries.append(entry)
-        if art.role == "baseline" or (art.role == "edgeprep" and not compressed):
+        if entry["latency_ms"] and (art.role == "baseline" or (art.role == "edgeprep" and not compressed)):
             speed_ref[group[art.name]] = entry["latency_ms"]["p50"]
     for entry in entries:
         ref = speed_ref.get(group[entry["name"]])
-        entry["speedup"] = (ref / entry["latency_ms"]["p50"]) if ref else None
+        entry["speedup"] = (ref / entry["latency_ms"]["p50"]) if ref and entry["latency_ms"] else None
 
     report = {
         "schema": "edgeprep.report/1",

@@ -272,6 +272,10 @@ class ExportTargetConfig(Strict):
     static_batch: int = Field(1, ge=1)  # edge programs run one fixed input shape
     # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer; litert: ai-edge-quantizer)
     int8: bool = False
+    # coreml options (exporters/coreml.py): weights as carried from the model or compressed anew,
+    # and the minimum deployment target (None: the lowest the weights allow, iOS16 or iOS18)
+    coreml_weights: Literal["auto", "fp16", "fp32", "int8", "palettize4", "palettize2", "int4-block"] = "auto"
+    coreml_target: Optional[Literal["iOS16", "iOS17", "iOS18"]] = None
 
     @field_validator("target")
     @classmethod
@@ -308,6 +312,10 @@ class GatesConfig(Strict):
     max_latency_ms_p90: Optional[float] = Field(None, gt=0)
     min_speedup: Optional[float] = Field(None, gt=0)  # baseline fp32 p50 / artifact p50
     max_size_bytes: Optional[int] = Field(None, gt=0)
+    # An artifact whose runtime cannot run on this machine (Core ML off macOS, TensorRT without a
+    # GPU) has nothing measured: "fail" (default) fails its gates; "skip" records them as skipped,
+    # with the reason, for a recipe that exports for devices CI does not have.
+    unavailable_runtimes: Literal["fail", "skip"] = "fail"
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -337,6 +345,9 @@ class Recipe(Strict):
         for i, e in enumerate(self.export):
             if e.target != "onnx" and (e.ptq or e.mobile):
                 raise ValueError(f"export.{i}: `ptq` and `mobile` apply to target onnx only, not {e.target}")
+            if e.target != "coreml" and (e.coreml_weights != "auto" or e.coreml_target is not None):
+                raise ValueError(f"export.{i}: `coreml_weights` and `coreml_target` apply to target coreml only, "
+                                 f"not {e.target}")
             if e.int8 and e.target not in ("executorch", "litert"):
                 raise ValueError(f"export.{i}: `int8` applies to targets executorch and litert, not {e.target} "
                                  "(for onnx use `ptq: [static]`)")

@@ -154,6 +154,8 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
         _run_section(report),
         _latency_section(arts),
         _precision_section(arts),
+        *_not_run_sections(arts),  # none when every runtime ran here
+        *_coreml_sections(arts),  # none without a Core ML artifact
         *_mobile_sections(arts),  # none without an .ort file
         _files_section(arts),
     ]
@@ -229,9 +231,10 @@ def _gates_section(gates: list[Mapping[str, Any]]) -> Section:
         value = g.get("value")
         # gates.py stores an identical-output SQNR (infinite) as null with passed=True.
         value_s = "∞" if value is None and ok and g.get("name") == "min_sqnr_db" else f(value)
+        word = "SKIP" if g.get("skipped") else ("PASS" if ok else "FAIL")
         t.rows.append([_text(g.get("name")), _text(g.get("artifact")), f(g.get("limit")), value_s,
-                       "PASS" if ok else "FAIL"] + ([str(g.get("note") or "")] if with_notes else []))
-        t.row_status.append("pass" if ok else "fail")
+                       word] + ([str(g.get("note") or "")] if with_notes else []))
+        t.row_status.append(None if g.get("skipped") else ("pass" if ok else "fail"))
     return Section("Gates", t, [] if gates else ["No gate configured in the recipe."])
 
 
@@ -269,6 +272,36 @@ def _precision_section(arts: list[Mapping[str, Any]]) -> Section:
                    [] if t.rows else ["No precision census was taken."])
 
 
+def _not_run_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
+    """Artifacts whose runtime cannot run on this machine, and why (what was checked instead has
+    its own section: Core ML programs, TensorRT preparation)."""
+    lines = [f"{artifact_name(a)} ({_text(a.get('runtime'))}): {a['not_run']}" for a in arts if a.get("not_run")]
+    return [Section("Not run on this machine", text=lines)] if lines else []
+
+
+def _coreml_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
+    """Each Core ML package as read back from disk: deployment target, ops, weights by dtype, and
+    whether the model's own integer weights were carried over exactly."""
+    t = Table(["name", "deployment target", "ops", "compressed weight ops", "weight elements by dtype",
+               "carried integer weights"], numeric=[False, False, True, True, False, False])
+    for a in arts:
+        spec = _get(a, "info", "spec")
+        if not isinstance(spec, Mapping):
+            continue
+        weights = ", ".join(f"{k} {fmt_int(_get(v, 'elements'))}" for k, v in (spec.get("weights") or {}).items())
+        carried = _get(a, "info", "carried")
+        carried_s = (f"{carried.get('weights')}: codes identical {carried.get('codes_identical')}, max abs error "
+                     f"{fmt(carried.get('max_abs_weight_error'), '.2g')}") if isinstance(carried, Mapping) else "none"
+        t.rows.append([artifact_name(a), _text(spec.get("deployment_target")), fmt_int(sum((spec.get("ops") or {}).values())),
+                       fmt_int(spec.get("compressed_weight_ops")), weights or MISSING, carried_s])
+        t.row_status.append(None)
+    if not t.rows:
+        return []
+    return [Section("Core ML programs (read back from the saved .mlpackage)", t,
+                    ["Weights carried = the model's own QAT integers and scales stored as Core ML constexpr ops, "
+                     "checked by decompressing the saved file."])]
+
+
 def _mobile_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
     """ORT's mobile usability verdict (NNAPI / CoreML EP coverage) of each artifact with an .ort."""
     from edgeprep.exporters.ort_mobile import verdict_line
@@ -296,6 +329,8 @@ def _files_section(arts: list[Mapping[str, Any]]) -> Section:
         info = a.get("info")
         if isinstance(info, Mapping) and isinstance(info.get("mobile"), Mapping):  # its verdict has a section
             info = {**info, "mobile": info["mobile"].get("file")}
+        if isinstance(info, Mapping):  # nested details (a Core ML spec summary...) live in report.json
+            info = {k: ("(in report.json)" if isinstance(v, Mapping) and len(v) > 3 else v) for k, v in info.items()}
         info_s = ", ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, Mapping) else _text(info)
         t.rows.append([artifact_name(a), _text(a.get("target")), _text(a.get("path")), _text(a.get("sha256")),
                        info_s or MISSING])

@@ -49,7 +49,16 @@ def load_runtime(artifact: Artifact, threads: int = 1):
 def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray, ref_outputs: np.ndarray,
           eval_x: Optional[np.ndarray], eval_y: Optional[np.ndarray], warmup: int, iters: int,
           threads: int, batch: int, save_graph_to: Optional[Path] = None) -> dict[str, Any]:
-    """Measure ``artifact`` on its runtime; returns the report's per-artifact fields."""
+    """Measure ``artifact`` on its runtime; returns the report's per-artifact fields.
+
+    A runtime that cannot run on this machine (Core ML off macOS, TensorRT without its libraries
+    or a GPU) measures nothing: parity, metric and latency are null and ``not_run`` says why, so
+    the gates and the report show the gap instead of hiding it."""
+    from edgeprep.exporters import get_runtime
+
+    usable, why = get_runtime(artifact.runtime).usable_here()
+    if not usable:
+        return {"parity": None, "metric": None, "latency_ms": None, "precision": None, "not_run": why}
     loaded = load_runtime(artifact, threads=threads)
     outputs = run_batched(loaded, ref_inputs)
     entry: dict[str, Any] = {"parity": parity_of(ref_outputs, outputs)}

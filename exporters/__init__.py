@@ -27,6 +27,7 @@ def get_runtime(name: str) -> Runtime:
 
 def _register() -> None:
     # Importing these modules is cheap: they import onnx/onnxruntime/torch inside functions only.
+    from edgeprep.exporters.coreml import CoreMLExporter, CoreMLRuntime
     from edgeprep.exporters.executorch import ExecuTorchExporter, ExecuTorchRuntime
     from edgeprep.exporters.litert import LiteRTExporter, LiteRTRuntime
     from edgeprep.exporters.onnx import OnnxExporter, OrtMobileExporter
@@ -36,9 +37,11 @@ def _register() -> None:
     EXPORTERS["ort-mobile"] = OrtMobileExporter
     EXPORTERS["executorch"] = ExecuTorchExporter
     EXPORTERS["litert"] = LiteRTExporter
+    EXPORTERS["coreml"] = CoreMLExporter
     RUNTIMES["onnxruntime"] = OrtRuntime
     RUNTIMES["executorch"] = ExecuTorchRuntime
     RUNTIMES["litert"] = LiteRTRuntime
+    RUNTIMES["coreml"] = CoreMLRuntime
 
 
 _register()

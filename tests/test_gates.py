@@ -158,3 +158,32 @@ def test_raise_for_failed_gates_is_one_line_exit_1():
     assert "min_speedup on onnx: not measured" in msg
     raise_for_failed_gates(evaluate_gates(GatesConfig(max_latency_ms_p90=7), report(artifact(p90=6.25))))
     assert describe_failures([]) == ""
+
+
+# ----------------------------------------------------------------------------- runtimes that cannot run here
+def _not_run(name="coreml"):
+    a = artifact(name=name)
+    a.update(parity=None, metric=None, latency_ms=None, speedup=None, not_run="Core ML prediction needs macOS")
+    return a
+
+
+def test_an_artifact_not_run_here_fails_its_gates_by_default():
+    results = evaluate_gates(GatesConfig(min_sqnr_db=30, max_size_bytes=2000), report(_not_run(), artifact()))
+    by = {(r["name"], r["artifact"]): r for r in results}
+    sq = by[("min_sqnr_db", "coreml")]
+    assert sq["passed"] is False and sq["value"] is None and "needs macOS" in sq["note"] and "skipped" not in sq
+    assert by[("min_sqnr_db", "onnx")]["passed"] is True
+    assert by[("max_size_bytes", "coreml")]["passed"] is True  # the size is known without running it
+    with pytest.raises(GateFailedError, match="min_sqnr_db on coreml: not measured"):
+        raise_for_failed_gates(results)
+
+
+def test_unavailable_runtimes_skip_records_skipped_gates_with_the_reason():
+    gates = GatesConfig(min_sqnr_db=30, max_metric_drop=0.01, unavailable_runtimes="skip")
+    results = evaluate_gates(gates, report(_not_run(), artifact(metric=0.80)))
+    skipped = [r for r in results if r.get("skipped")]
+    assert len(skipped) == 2 and all(r["artifact"] == "coreml" and r["passed"] for r in skipped)
+    assert all("not run on this machine: Core ML prediction needs macOS" in r["note"] for r in skipped)
+    # a measured artifact is still judged: its metric drop of 0.15 fails
+    failed = [r for r in results if not r["passed"]]
+    assert [(r["name"], r["artifact"]) for r in failed] == [("max_metric_drop", "onnx")]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 
@@ -10,6 +11,7 @@ from conftest import REPO, finished_run
 pytest.importorskip("executorch", reason="the executorch extra is not installed")
 pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed")
 pytest.importorskip("litert_torch", reason="the litert-convert extra is not installed")
+pytest.importorskip("coremltools", reason="the coreml extra is not installed")
 
 
 @pytest.mark.slow
@@ -20,8 +22,8 @@ def test_all_targets_recipe_runs_and_reports_every_runtime(tmp_path_factory):
     report = json.loads((run / "report.json").read_text())
     arts = {a["name"]: a for a in report["artifacts"]}
     assert set(arts) == {"onnx", "onnx-ptq-static", "ort-mobile", "executorch", "executorch-int8",
-                         "litert", "litert-int8"}
-    assert {a["runtime"] for a in arts.values()} == {"onnxruntime", "executorch", "litert"}
+                         "litert", "litert-int8", "coreml"}
+    assert {a["runtime"] for a in arts.values()} == {"onnxruntime", "executorch", "litert", "coreml"}
     baseline = report["baseline"]["metric"]["value"]
     for name in ("onnx", "ort-mobile", "executorch", "litert"):  # fp32 on each runtime: parity gate >= 30 dB
         a = arts[name]
@@ -39,8 +41,16 @@ def test_all_targets_recipe_runs_and_reports_every_runtime(tmp_path_factory):
     assert arts["executorch"]["info"]["xnnpack"]["partitions"] >= 1
     assert arts["litert-int8"]["precision"]["low_precision_op_fraction"] == 1.0
     assert arts["ort-mobile"]["info"]["mobile"]["usability"]["dynamic_inputs"] == []  # fixed batch
+    coreml = arts["coreml"]
+    assert coreml["info"]["spec"]["deployment_target"] == "iOS16" and coreml["bytes"] > 0
+    if platform.system() != "Darwin":  # not run: its gates are skipped with the reason, not passed silently
+        assert "macOS" in coreml["not_run"] and coreml["parity"] is None and coreml["latency_ms"] is None
+        skipped = [g for g in report["gates"] if g.get("skipped")]
+        assert {g["artifact"] for g in skipped} == {"coreml"} and len(skipped) == 2
     assert report["passed"]
     md = (run / "report.md").read_text()
     for name in arts:
         assert f"| {name} |" in md, name
     assert "## ORT Mobile usability" in md
+    if platform.system() != "Darwin":
+        assert "## Not run on this machine" in md and "coreml (coreml): Core ML prediction needs macOS" in md
