@@ -56,7 +56,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("executorch", "executorch", "executorch", "executorch", "executorch"),
     Component("ai-edge-litert", "ai_edge_litert", "ai-edge-litert", "litert", "litert (interpreter)"),
     Component("litert-torch", "litert_torch", "litert-torch", "litert-convert", "litert (converter)"),
-    Component("tensorrt", "tensorrt", "tensorrt", "tensorrt", "tensorrt", _tensorrt_probe),
+    Component("tensorrt", "tensorrt", "tensorrt", "tensorrt", "tensorrt (engine build, needs a GPU)", _tensorrt_probe),
+    Component("polygraphy", "polygraphy", "polygraphy", "tensorrt", "tensorrt (runs and compares engines)"),
     Component("transformers", "transformers", "transformers", "hf", "Hugging Face models"),
 )
 

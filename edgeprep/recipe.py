@@ -270,12 +270,17 @@ class ExportTargetConfig(Strict):
     binary_storage: Literal["packed1", "int2"] = "packed1"
     # executorch / litert options
     static_batch: int = Field(1, ge=1)  # edge programs run one fixed input shape
-    # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer; litert: ai-edge-quantizer)
+    # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer; litert: ai-edge-quantizer;
+    # tensorrt: ORT's QDQ quantizer with TensorRT's explicit-quantization settings)
     int8: bool = False
     # coreml options (exporters/coreml.py): weights as carried from the model or compressed anew,
     # and the minimum deployment target (None: the lowest the weights allow, iOS16 or iOS18)
     coreml_weights: Literal["auto", "fp16", "fp32", "int8", "palettize4", "palettize2", "int4-block"] = "auto"
     coreml_target: Optional[Literal["iOS16", "iOS17", "iOS18"]] = None
+    # tensorrt options (exporters/tensorrt.py): the engine's optimization profile runs batch 1 to
+    # max_batch, tuned at static_batch; a float artifact's engine precision
+    max_batch: int = Field(32, ge=1)
+    tensorrt_precision: Literal["fp16", "fp32"] = "fp16"
 
     @field_validator("target")
     @classmethod
@@ -348,9 +353,14 @@ class Recipe(Strict):
             if e.target != "coreml" and (e.coreml_weights != "auto" or e.coreml_target is not None):
                 raise ValueError(f"export.{i}: `coreml_weights` and `coreml_target` apply to target coreml only, "
                                  f"not {e.target}")
-            if e.int8 and e.target not in ("executorch", "litert"):
-                raise ValueError(f"export.{i}: `int8` applies to targets executorch and litert, not {e.target} "
-                                 "(for onnx use `ptq: [static]`)")
+            if e.int8 and e.target not in ("executorch", "litert", "tensorrt"):
+                raise ValueError(f"export.{i}: `int8` applies to targets executorch, litert and tensorrt, not "
+                                 f"{e.target} (for onnx use `ptq: [static]`)")
+            if e.target != "tensorrt" and (e.max_batch != 32 or e.tensorrt_precision != "fp16"):
+                raise ValueError(f"export.{i}: `max_batch` and `tensorrt_precision` apply to target tensorrt only, "
+                                 f"not {e.target}")
+            if e.target == "tensorrt" and e.static_batch > e.max_batch:
+                raise ValueError(f"export.{i}: static_batch {e.static_batch} exceeds max_batch {e.max_batch}")
         sla_at = next((i for i, st in enumerate(self.stages)
                        if isinstance(st, ReparamConfig) and st.attention == "sla"), None)
         qat_at = next((i for i, st in enumerate(self.stages) if isinstance(st, QatConfig)), None)

@@ -156,6 +156,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
         _precision_section(arts),
         *_not_run_sections(arts),  # none when every runtime ran here
         *_coreml_sections(arts),  # none without a Core ML artifact
+        *_tensorrt_sections(arts),  # none without a TensorRT artifact
         *_mobile_sections(arts),  # none without an .ort file
         _files_section(arts),
     ]
@@ -277,6 +278,26 @@ def _not_run_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
     its own section: Core ML programs, TensorRT preparation)."""
     lines = [f"{artifact_name(a)} ({_text(a.get('runtime'))}): {a['not_run']}" for a in arts if a.get("not_run")]
     return [Section("Not run on this machine", text=lines)] if lines else []
+
+
+def _tensorrt_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
+    """Each TensorRT-prepared ONNX checked node by node against TensorRT's operator table."""
+    t = Table(["name", "precision", "TensorRT", "opset", "nodes supported", "Q / DQ nodes", "unsupported"],
+              numeric=[False, False, False, True, False, False, False])
+    for a in arts:
+        support = _get(a, "info", "tensorrt_support")
+        if not isinstance(support, Mapping):
+            continue
+        bad = "; ".join(f"{u.get('op')} ×{u.get('count')} ({u.get('why')})" for u in support.get("unsupported") or [])
+        opset_s = f"{support.get('opset')}" + ("" if support.get("opset_supported") else " (outside TensorRT's range)")
+        t.rows.append([artifact_name(a), _text(_get(a, "info", "precision")), _text(support.get("tensorrt_version")),
+                       opset_s, f"{support.get('supported_nodes')}/{support.get('nodes')}",
+                       f"{support.get('quantize_nodes')} / {support.get('dequantize_nodes')}", bad or "none"])
+        t.row_status.append(None if support.get("all_supported") else "fail")
+    if not t.rows:
+        return []
+    source = next(_get(a, "info", "tensorrt_support", "source") for a in arts if _get(a, "info", "tensorrt_support"))
+    return [Section("TensorRT preparation (static check)", t, [f"Operator table: {source}."])]
 
 
 def _coreml_sections(arts: list[Mapping[str, Any]]) -> list[Section]:

@@ -32,16 +32,19 @@ def _register() -> None:
     from edgeprep.exporters.litert import LiteRTExporter, LiteRTRuntime
     from edgeprep.exporters.onnx import OnnxExporter, OrtMobileExporter
     from edgeprep.exporters.onnxruntime_rt import OrtRuntime
+    from edgeprep.exporters.tensorrt import TensorRTExporter, TensorRTRuntime
 
     EXPORTERS["onnx"] = OnnxExporter
     EXPORTERS["ort-mobile"] = OrtMobileExporter
     EXPORTERS["executorch"] = ExecuTorchExporter
     EXPORTERS["litert"] = LiteRTExporter
     EXPORTERS["coreml"] = CoreMLExporter
+    EXPORTERS["tensorrt"] = TensorRTExporter
     RUNTIMES["onnxruntime"] = OrtRuntime
     RUNTIMES["executorch"] = ExecuTorchRuntime
     RUNTIMES["litert"] = LiteRTRuntime
     RUNTIMES["coreml"] = CoreMLRuntime
+    RUNTIMES["tensorrt"] = TensorRTRuntime
 
 
 _register()

@@ -13,6 +13,10 @@ pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed"
 pytest.importorskip("litert_torch", reason="the litert-convert extra is not installed")
 pytest.importorskip("coremltools", reason="the coreml extra is not installed")
 
+from edgeprep.exporters import get_runtime  # noqa: E402
+
+TRT_USABLE = get_runtime("tensorrt").usable_here()[0]
+
 
 @pytest.mark.slow
 def test_all_targets_recipe_runs_and_reports_every_runtime(tmp_path_factory):
@@ -22,8 +26,8 @@ def test_all_targets_recipe_runs_and_reports_every_runtime(tmp_path_factory):
     report = json.loads((run / "report.json").read_text())
     arts = {a["name"]: a for a in report["artifacts"]}
     assert set(arts) == {"onnx", "onnx-ptq-static", "ort-mobile", "executorch", "executorch-int8",
-                         "litert", "litert-int8", "coreml"}
-    assert {a["runtime"] for a in arts.values()} == {"onnxruntime", "executorch", "litert", "coreml"}
+                         "litert", "litert-int8", "coreml", "tensorrt", "tensorrt-int8"}
+    assert {a["runtime"] for a in arts.values()} == {"onnxruntime", "executorch", "litert", "coreml", "tensorrt"}
     baseline = report["baseline"]["metric"]["value"]
     for name in ("onnx", "ort-mobile", "executorch", "litert"):  # fp32 on each runtime: parity gate >= 30 dB
         a = arts[name]
@@ -43,10 +47,18 @@ def test_all_targets_recipe_runs_and_reports_every_runtime(tmp_path_factory):
     assert arts["ort-mobile"]["info"]["mobile"]["usability"]["dynamic_inputs"] == []  # fixed batch
     coreml = arts["coreml"]
     assert coreml["info"]["spec"]["deployment_target"] == "iOS16" and coreml["bytes"] > 0
-    if platform.system() != "Darwin":  # not run: its gates are skipped with the reason, not passed silently
-        assert "macOS" in coreml["not_run"] and coreml["parity"] is None and coreml["latency_ms"] is None
-        skipped = [g for g in report["gates"] if g.get("skipped")]
-        assert {g["artifact"] for g in skipped} == {"coreml"} and len(skipped) == 2
+    for name in ("tensorrt", "tensorrt-int8"):  # the ONNX prepared for TensorRT: every node supported
+        assert arts[name]["info"]["tensorrt_support"]["all_supported"], arts[name]["info"]["tensorrt_support"]
+    assert arts["tensorrt-int8"]["info"]["tensorrt_support"]["quantize_nodes"] > 0
+    not_run = {n for n, a in arts.items() if a.get("not_run")}
+    expected_not_run = ({"coreml"} if platform.system() != "Darwin" else set()) | (
+        set() if TRT_USABLE else {"tensorrt", "tensorrt-int8"})
+    assert not_run == expected_not_run
+    for name in not_run:  # not run: gates skipped with the reason, never passed silently
+        assert arts[name]["parity"] is None and arts[name]["latency_ms"] is None
+    skipped = [g for g in report["gates"] if g.get("skipped")]
+    assert {g["artifact"] for g in skipped} == not_run - {"tensorrt-int8"}  # a ptq peer is never gated
+    assert len(skipped) == 2 * len(not_run - {"tensorrt-int8"})
     assert report["passed"]
     md = (run / "report.md").read_text()
     for name in arts:
@@ -54,3 +66,4 @@ def test_all_targets_recipe_runs_and_reports_every_runtime(tmp_path_factory):
     assert "## ORT Mobile usability" in md
     if platform.system() != "Darwin":
         assert "## Not run on this machine" in md and "coreml (coreml): Core ML prediction needs macOS" in md
+    assert "## TensorRT preparation (static check)" in md and "## Core ML programs" in md
