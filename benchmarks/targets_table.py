@@ -104,7 +104,7 @@ def export_all(model, example, calib, root: Path) -> dict[str, dict[str, Any]]:
     lt = get_exporter("litert").export(model, example, root / "litert", LiteRTOptions(static_batch=1))
     lt8 = lt_int8(lt, calib, root / "litert-int8")
     out["LiteRT fp32"] = {"artifact": lt, "precision": "fp32"}
-    out["LiteRT int8"] = {"artifact": lt8, "precision": "int8", "quant_ref": _litert_reference(lt8.path)}
+    out["LiteRT int8"] = {"artifact": lt8, "precision": "int8", "quant_ref": _litert_reference(lt8)}
     cm = get_exporter("coreml").export(model, example, root / "coreml", CoreMLOptions())
     cm8 = get_exporter("coreml").export(model, example, root / "coreml-int8", CoreMLOptions(coreml_weights="int8"))
     out["Core ML fp16"] = {"artifact": cm, "precision": "fp16"}
@@ -131,24 +131,10 @@ def _pt2_reference(art):
     return run
 
 
-def _litert_reference(path: Path):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+def _litert_reference(art):
+    from edgeprep.exporters.litert import LiteRTModel
 
-    from edgeprep.exporters.litert import dequantize_output, quantize_input
-
-    it = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
-    it.allocate_tensors()
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-
-    def run(xs: np.ndarray) -> np.ndarray:
-        outs = []
-        for k in range(len(xs)):
-            it.set_tensor(i["index"], quantize_input(xs[k:k + 1], i))
-            it.invoke()
-            outs.append(dequantize_output(it.get_tensor(o["index"]), o))
-        return np.concatenate(outs)
-
-    return run
+    return lambda xs: run_batched(LiteRTModel(art, reference_kernels=True), xs)
 
 
 def measure(arts: dict[str, dict[str, Any]], x: np.ndarray, y: np.ndarray, ref: np.ndarray, args) -> dict:

@@ -311,7 +311,7 @@ class CoreMLExporter(Exporter):
 
 
 # ----------------------------------------------------------------------------- reading the saved spec
-def _tensor_dtype(ct: Any, value_type: Any) -> Optional[str]:
+def _tensor_dtype(value_type: Any) -> Optional[str]:
     from coremltools.proto import MIL_pb2
 
     if not value_type.HasField("tensorType"):
@@ -346,7 +346,7 @@ def spec_summary(package: Path) -> dict[str, Any]:
             values = [v for k, v in op.attributes.items() if k != "name"]
             values += [a.value for arg in op.inputs.values() for a in arg.arguments if a.HasField("value")]
             for value in values:
-                dtype = _tensor_dtype(ct, value.type)
+                dtype = _tensor_dtype(value.type)
                 if dtype and _elements(value.type) >= SMALL_CONST_ELEMENTS:
                     weights[dtype]["tensors"] += 1
                     weights[dtype]["elements"] += _elements(value.type)

@@ -48,12 +48,15 @@ def _need(module: str, extra: str) -> None:
 
 
 
-def _interpreter(path: Path, threads: int = 1) -> Any:
+def _interpreter(path: Path, threads: int = 1, reference_kernels: bool = False) -> Any:
+    """A LiteRT interpreter; ``reference_kernels``: TFLite's reference op implementations, no
+    XNNPACK (the quantized reference an int8 model's optimized kernels are checked against)."""
     _need("ai_edge_litert", "litert")
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+    resolver = OpResolverType.BUILTIN_REF if reference_kernels else OpResolverType.AUTO
     try:
-        it = Interpreter(model_path=str(path), num_threads=int(threads))
+        it = Interpreter(model_path=str(path), num_threads=int(threads), experimental_op_resolver_type=resolver)
         it.allocate_tensors()
     except Exception as exc:
         raise RuntimeFailure(f"{path}: the LiteRT interpreter cannot load it: {short_error(exc)}") from None
@@ -153,9 +156,9 @@ def dequantize_output(y: np.ndarray, detail: dict) -> np.ndarray:
 
 
 class LiteRTModel(LoadedModel):
-    def __init__(self, artifact: Artifact, threads: int = 1):
+    def __init__(self, artifact: Artifact, threads: int = 1, reference_kernels: bool = False):
         self.artifact, self.threads = artifact, int(threads)
-        self.it = _interpreter(artifact.path, self.threads)
+        self.it = _interpreter(artifact.path, self.threads, reference_kernels)
         self.inputs, self.outputs = self.it.get_input_details(), self.it.get_output_details()
         self.input_names = tuple(d["name"] for d in self.inputs)
         self.output_names = tuple(d["name"] for d in self.outputs)

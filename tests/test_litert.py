@@ -11,7 +11,13 @@ pytest.importorskip("litert_torch", reason="the litert-convert extra is not inst
 
 from edgeprep.errors import RuntimeFailure  # noqa: E402
 from edgeprep.exporters import get_exporter, get_runtime  # noqa: E402
-from edgeprep.exporters.litert import LiteRTOptions, dequantize_output, quantize_input, quantize_int8  # noqa: E402
+from edgeprep.exporters.litert import (  # noqa: E402
+    LiteRTModel,
+    LiteRTOptions,
+    dequantize_output,
+    quantize_input,
+    quantize_int8,
+)
 from edgeprep.measure.parity import sqnr_db  # noqa: E402
 from edgeprep.validate import run_batched  # noqa: E402
 
@@ -77,6 +83,9 @@ def test_int8_peer_takes_int8_inputs_runs_int8_and_agrees(trained, fp32):
     with torch.no_grad():
         ref = model(torch.from_numpy(xt)).numpy()
     assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.97
+    # against its quantized reference (the same int8 model on TFLite's reference kernels): >= 99%
+    qref = run_batched(LiteRTModel(q, reference_kernels=True), xt)
+    assert np.mean(got.argmax(-1) == qref.argmax(-1)) >= 0.99 and sqnr_db(qref, got) >= 30.0
     # int8 output too: logits beyond the calibrated range saturate (min/max over the training rows)
     assert 10.0 <= sqnr_db(ref, got) < 60.0
     assert q.size_bytes < fp32.size_bytes / 2

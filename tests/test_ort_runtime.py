@@ -131,6 +131,18 @@ def test_census_of_ptq_peers_shows_integer_kernels(exported):
     assert 0.5 <= dynamic["low_precision_op_fraction"] < 1.0, dynamic
 
 
+def test_static_ptq_agrees_with_its_quantized_reference(exported):
+    """The int8 kernels (QLinearMatMul at "extended") against the same QDQ graph with every graph
+    optimization off, where ORT runs Q / DQ as written in float: the quantized reference."""
+    _, _, peers = exported
+    x = _data(64, 5)
+    fast = get_runtime("onnxruntime").load(peers["static"]).run([x])[0]
+    reference = dataclasses.replace(peers["static"], info={**peers["static"].info, "optimize": "disable"})
+    ref = get_runtime("onnxruntime").load(reference).run([x])[0]
+    assert np.mean(fast.argmax(-1) == ref.argmax(-1)) >= 0.99
+    assert sqnr_db(ref, fast) >= 30.0
+
+
 def test_census_sees_unfused_qdq_as_float(exported):
     """At "basic" ORT does not fuse QDQ: the quantized file runs its matmuls in float."""
     _, _, peers = exported
