@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from edgeprep.errors import (EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_RUNTIME, BadInputError, EdgeprepError,
-                             GateFailedError)
+                             GateFailedError, RuntimeFailure)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Compress PyTorch models, export them to edge runtimes, and prove on each runtime "
@@ -286,6 +286,8 @@ def validate(artifact: Path = typer.Argument(..., help="Artifact directory (with
     from edgeprep.manifest import read_manifest
 
     art, entry = judge_artifact_dir(artifact, warmup=5, iters=iters, threads=threads, batch=1)
+    if entry.get("not_run"):  # e.g. Core ML off macOS: nothing was measured, so nothing is validated
+        raise RuntimeFailure(f"{artifact}: cannot validate on this machine: {entry['not_run']}")
     expect = read_manifest(artifact).get("expect", {})  # what the run that made it promised
     if min_sqnr_db is None:
         min_sqnr_db = expect.get("min_sqnr_db")
