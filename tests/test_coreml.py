@@ -146,3 +146,22 @@ def test_prediction_matches_pytorch_on_macos(tmp_path):  # pragma: no cover - ru
         with torch.no_grad():  # the function Core ML runs: weights as carried, no activation quantizers
             ref = float_copy(model)[0](x).numpy()
         assert sqnr_db(ref, run_batched(loaded, x.numpy())) >= 30.0
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="checks the behaviour off macOS")
+def test_cli_validate_and_profile_say_why_in_one_line(tmp_path):
+    from conftest import run_cli, stderr_lines
+
+    from edgeprep.artifacts import export_artifact
+    from edgeprep.recipe import parse_export_target
+
+    x = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
+    model = _model()
+    export_artifact(get_exporter("coreml"), model, (torch.from_numpy(x[:2]),), tmp_path / "cm",
+                    parse_export_target({"target": "coreml"}, where="test"), name="cm", role="edgeprep",
+                    task="classification", ref_x=x, labels=None, expect={})
+    for command, words in (("validate", "cannot validate on this machine: Core ML prediction needs macOS"),
+                           ("profile", "Core ML prediction needs macOS")):
+        proc = run_cli(command, str(tmp_path / "cm"))
+        assert proc.returncode == 3, proc.stderr
+        assert len(stderr_lines(proc)) == 1 and words in proc.stderr
