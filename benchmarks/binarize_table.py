@@ -129,14 +129,16 @@ def render(runs: dict, args, seconds: float) -> str:
         f"on the fp32 model's logits + MSE on block outputs + {LABEL_LOSS:g} x ground-truth CE. Test split: 270 "
         "images (1 image = 0.37 pt).",
         "",
-        "| seed | fp32 test | W1A1 + rank-1 estimators: calibrated val / test | W1A1 without estimators: "
-        "calibrated val / test | estimators gain (pt) |",
-        "|---|---|---|---|---|",
+        "| seed | fp32 test | W1A1 + rank-1 estimators: val after calibration -> after training / test | W1A1 "
+        "without estimators: val after calibration -> after training / test | estimators gain (pt) | stage "
+        "seconds (with / without) |",
+        "|---|---|---|---|---|---|",
     ]
     for s, run in zip(seeds, r):
         a, b = run["w1a1+est"], run["w1a1"]
-        lines.append(f"| {s} | {run['fp32_test']:.4f} | {a['val']['calibrated']:.4f} / {a['test']:.4f} | "
-                     f"{b['val']['calibrated']:.4f} / {b['test']:.4f} | {(a['test'] - b['test']) * 100:+.2f} |")
+        lines.append(f"| {s} | {run['fp32_test']:.4f} | {a['val']['calibrated']:.4f} -> {a['val']['trained']:.4f} / "
+                     f"{a['test']:.4f} | {b['val']['calibrated']:.4f} -> {b['val']['trained']:.4f} / {b['test']:.4f} "
+                     f"| {(a['test'] - b['test']) * 100:+.2f} | {a['seconds']:.0f} / {b['seconds']:.0f} |")
     gains = [run["w1a1+est"]["test"] - run["w1a1"]["test"] for run in r]
     lines += ["", f"Mean over seeds: fp32 {mean_sd([x['fp32_test'] for x in r])} %, W1A1 + estimators "
               f"{mean_sd([x['w1a1+est']['test'] for x in r])} %, W1A1 {mean_sd([x['w1a1']['test'] for x in r])} %; "
