@@ -121,8 +121,9 @@ def render(runs: dict, args, seconds: float) -> str:
         f"Command: `.venv/bin/python benchmarks/binarize_table.py --seeds {' '.join(seeds)} --steps {args.steps} "
         f"--eval-every {args.eval_every}`  ",
         f"Date: {time.strftime('%Y-%m-%d')}. Machine: {cpu_name()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, torch {torch.__version__}. Wall time of this invocation: "
-        f"{seconds / 60:.1f} min.  ",
+        f"{platform.python_version()}, torch {torch.__version__}. "
+        + ("Re-rendered from the saved per-seed results (--resume); the binarize stage's seconds per run are in "
+           "the table.  " if args.resume else f"Wall time of this invocation: {seconds / 60:.1f} min.  "),
         f"Base: vit-bench trained {BASE_TRAIN.steps} steps per seed (AdamW lr {BASE_TRAIN.lr}). Each variant: the "
         f"binarize stage from it, {args.steps} steps, lr {BINARIZE_LR}, 20 warmup, cosine; binary weights (BWN) and "
         "binary activations in every Linear but the head, binary Q/K/V and attention probabilities; loss = soft CE "
