@@ -48,6 +48,11 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
 
 
+def float32_feed(names: Sequence[str], inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs by name as contiguous float32, the feed dict Core ML and Polygraphy's runners take."""
+    return {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, inputs)}
+
+
 class Exporter(ABC):
     target: ClassVar[str]  # registry key, e.g. "onnx"
     runtime: ClassVar[str]  # key into RUNTIMES that runs what this exporter writes

@@ -37,10 +37,23 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
+from edgeprep.exporters.base import (
+    Exporter,
+    ExportOptions,
+    LoadedModel,
+    Runtime,
+    float32_feed,
+    package_version,
+    short_error,
+)
 from pydantic import Field
 
-from edgeprep.errors import BadInputError, ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import ExportOptions, Exporter, LoadedModel, Runtime, package_version, short_error
+from edgeprep.errors import (
+    BadInputError,
+    ExportError,
+    MissingDependencyError,
+    RuntimeFailure,
+)
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, TensorSpec
 
@@ -413,7 +426,7 @@ class CoreMLModel(LoadedModel):
         self.fixed_batch = int(artifact.inputs[0].shape[0]) if artifact.inputs else None
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        feed = {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(self.input_names, inputs)}
+        feed = float32_feed(self.input_names, inputs)
         try:
             out = self.model.predict(feed)
         except Exception as exc:

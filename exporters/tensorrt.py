@@ -33,10 +33,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
+from edgeprep.exporters.base import (
+    ExportOptions,
+    Int8PeerExporter,
+    LoadedModel,
+    Runtime,
+    float32_feed,
+    short_error,
+)
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import ExportOptions, Int8PeerExporter, LoadedModel, Runtime, short_error
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact
 
@@ -214,6 +221,7 @@ class TensorRTExporter(Int8PeerExporter):
 
     def export(self, model: Any, example_inputs: tuple[Any, ...], out_dir: Path, options: Any) -> Artifact:
         from edgeprep.exporters.onnx import OnnxExporter, OnnxOptions
+
         from edgeprep.quant.export import is_quantized
 
         opts = TensorRTOptions.of(options)
@@ -234,9 +242,13 @@ class TensorRTExporter(Int8PeerExporter):
 
 def quantize_for_tensorrt(artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_dir: Path) -> Artifact:
     """ORT's QDQ quantizer with TensorRT's explicit-quantization conventions (see the module doc)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     from edgeprep.exporters.onnx_ptq import _calibration_reader, _quiet, pre_process
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     if not calib_inputs or len(calib_inputs[0]) == 0:
         raise ExportError("tensorrt int8 needs calibration inputs; set data.calibration_samples >= 1")
@@ -273,7 +285,12 @@ def quantize_for_tensorrt(artifact: Artifact, calib_inputs: Sequence[np.ndarray]
 # ----------------------------------------------------------------------------- runtime (NVIDIA GPU)
 def _engine(artifact: Artifact) -> Any:
     """A Polygraphy engine loader for the artifact: precision and profile from its manifest."""
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+    )
 
     profile = Profile()
     for name, (lo, opt, hi) in (artifact.info.get("tensorrt_profile") or {}).items():
@@ -298,7 +315,7 @@ class TensorRTModel(LoadedModel):
             raise RuntimeFailure(f"{artifact.path}: TensorRT engine build failed: {short_error(exc)}") from None
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        feed = {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(self.input_names, inputs)}
+        feed = float32_feed(self.input_names, inputs)
         try:
             out = self.runner.infer(feed)
         except Exception as exc:
@@ -319,7 +336,7 @@ def compare_with_onnxruntime(artifact: Artifact, inputs: Sequence[np.ndarray], a
     from polygraphy.comparator import Comparator, CompareFunc
 
     names = [s.name for s in artifact.inputs]
-    feeds = [{n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, inputs)}]
+    feeds = [float32_feed(names, inputs)]
     runners = [TrtRunner(_engine(artifact)), OnnxrtRunner(SessionFromOnnx(str(artifact.path),
                                                                          providers=["CPUExecutionProvider"]))]
     results = Comparator.run(runners, data_loader=feeds)

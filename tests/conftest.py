@@ -97,3 +97,29 @@ def fast_run(tmp_path_factory) -> Path:
     proc = run_cli("run", str(work / "fast.yaml"), "--out", str(work / "run"), "--quiet", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work / "run"
+
+
+@pytest.fixture(scope="session")
+def digits_mlp():
+    """A small MLP trained on scikit-learn's digits (64 features, 10 classes), so int8 agreement is
+    judged on real decision margins: (model, x_train, x_test, y_test). Shared: do not modify it."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    x_train, y_train, x_test, y_test = x[:1400], d.target[:1400], x[1400:], d.target[1400:]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xb, yb = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert float((model(torch.from_numpy(x_test)).argmax(-1).numpy() == y_test).mean()) > 0.9
+    return model, x_train, x_test, y_test

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("ai_edge_litert", reason="the litert extra is not installed: pip install 'edgeprep[litert]'")
 pytest.importorskip("litert_torch", reason="the litert-convert extra is not installed: pip install 'edgeprep[litert-convert]'")
@@ -22,30 +21,9 @@ from edgeprep.measure.parity import sqnr_db  # noqa: E402
 from edgeprep.validate import run_batched  # noqa: E402
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    return x[:1400], d.target[:1400], x[1400:], d.target[1400:]
-
-
 @pytest.fixture(scope="module")
-def trained():
-    """A small MLP trained on the digits (so int8 agreement is judged on real decision margins)."""
-    x, y, xt, yt = _digits()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xb, yb = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        assert float((model(torch.from_numpy(xt)).argmax(-1).numpy() == yt).mean()) > 0.9
-    return model, x, xt, yt
+def trained(digits_mlp):
+    return digits_mlp
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
 from edgeprep.exporters import get_exporter, get_runtime
 from edgeprep.exporters.onnx import OnnxOptions
 from edgeprep.exporters.onnx_ptq import ptq_peers
@@ -22,6 +19,9 @@ from edgeprep.exporters.tensorrt import (
     support_table,
     tensorrt_support,
 )
+from torch import nn
+
+from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
 from edgeprep.measure.parity import parity
 from edgeprep.quant.convert import quantize_model
 from edgeprep.validate import judge, run_batched
@@ -29,26 +29,10 @@ from edgeprep.validate import judge, run_batched
 TRT_USABLE, TRT_WHY = get_runtime("tensorrt").usable_here()
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    return x[:1400], d.target[:1400], x[1400:], d.target[1400:]
-
-
 @pytest.fixture(scope="module")
-def trained():
-    x, y, xt, yt = _digits()
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xb, yb = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        opt.step()
-    return model.eval(), x, xt
+def trained(digits_mlp):
+    model, x, xt, _ = digits_mlp
+    return model, x, xt
 
 
 def _ort(art, x):
