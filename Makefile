@@ -28,7 +28,9 @@ bench: venv
 	$(BIN)/python benchmarks/qat_table.py     # ~50 min on 2 cores: 3 seeds x (int8 QAT + ternary TI-G vs KD-QAT)
 	$(BIN)/python benchmarks/reparam_table.py # ~45 min on 2 cores: 3 seeds x (4 norms from scratch + 2 conversions)
 	$(BIN)/python benchmarks/attention_latency.py
-	$(BIN)/python benchmarks/binarize_table.py # ~35 min on 2 cores: 3 seeds x W1A1 with / without estimators
+	$(BIN)/python benchmarks/binarize_table.py # ~60-80 min on 2 cores: 3 seeds x W1A1 with / without estimators
+	$(BIN)/python benchmarks/reparam_executorch.py
+	$(BIN)/python benchmarks/targets_table.py  # ~6 min: vit-bench on every target, fp32 and int8
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info
