@@ -11,6 +11,7 @@ agreement and SQNR against the fp32 PyTorch model, and for int8 the top-1 agreem
 quantized reference (ORT: the same QDQ graph with graph optimizations off, i.e. float Q/DQ
 simulation; ExecuTorch: the PT2E-quantized PyTorch program; LiteRT: the interpreter's reference
 kernels). Latency: batch 1, 1 thread, median of --rounds interleaved rounds of --iters calls.
+XNNPACK partitions (ExecuTorch, LiteRT): how many pieces the XNNPACK delegate took; 1 = the whole graph.
 
     .venv/bin/python benchmarks/targets_table.py [--rounds 3] [--iters 200]
 """
@@ -142,7 +143,9 @@ def measure(arts: dict[str, dict[str, Any]], x: np.ndarray, y: np.ndarray, ref: 
     loaded = {}
     for label, a in arts.items():
         art = a["artifact"]
-        row = {"precision": a["precision"], "bytes": art.size_bytes, "runtime": art.runtime, "p50s": []}
+        xnn = art.info.get("xnnpack_partitions", (art.info.get("xnnpack") or {}).get("partitions"))
+        row = {"precision": a["precision"], "bytes": art.size_bytes, "runtime": art.runtime, "p50s": [],
+               "xnnpack": xnn}
         usable, why = get_runtime(art.runtime).usable_here()
         if not usable:
             row["not_run"] = why
@@ -201,19 +204,19 @@ def render(rows: dict, torch_acc: float, n_calib: int, args, seconds: float) -> 
         f"Latency: batch 1, 1 thread, median of {args.rounds} interleaved rounds of {args.iters} calls (20 warmup).",
         "",
         "| target | precision | test acc | top-1 agree / SQNR dB vs fp32 PyTorch | top-1 agree vs its quantized "
-        "reference | p50 ms | int8 speedup | bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        "reference | p50 ms | int8 speedup | XNNPACK partitions | bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
         target = label.rsplit(" ", 1)[0] if label.endswith(("fp32", "int8", "fp16")) else label
         if "not_run" in r:
-            lines.append(f"| {target} | {r['precision']} | not run here | {r['check']} | - | - | - | {r['bytes']:,} |")
+            lines.append(f"| {target} | {r['precision']} | not run here | {r['check']} | - | - | - | - | {r['bytes']:,} |")
             continue
         qref = f"{r['agree_qref']:.4f}" if "agree_qref" in r else "-"
         base = fp32_p50.get(target)
         speed = f"{base / r['p50']:.2f}x" if r["precision"] == "int8" and base else "-"
         lines.append(f"| {target} | {r['precision']} | {r['acc']:.4f} | {r['agree']:.4f} / {r['sqnr']:.1f} | {qref} "
-                     f"| {r['p50']:.3f} | {speed} | {r['bytes']:,} |")
+                     f"| {r['p50']:.3f} | {speed} | {'-' if r['xnnpack'] is None else r['xnnpack']} | {r['bytes']:,} |")
     lines += ["", "Round p50s (ms): " + "; ".join(f"{k}: {', '.join(f'{v:.3f}' for v in r['p50s'])}"
                                                    for k, r in rows.items() if r["p50s"]),
               "", "Not run here: " + "; ".join(f"{k}: {r['not_run']}" for k, r in rows.items() if "not_run" in r), ""]

@@ -47,6 +47,7 @@ def test_fp32_tflite_matches_pytorch(trained, fp32):
         loaded.run([xt[:3]])
     census = loaded.precision_census()
     assert census["heavy_ops"] == 2 and census["low_precision_ops"] == 0
+    assert fp32.info["xnnpack_partitions"] == census["xnnpack_partitions"] == 1  # XNNPACK took the whole graph
 
 
 def test_int8_peer_takes_int8_inputs_runs_int8_and_agrees(trained, fp32):
@@ -57,6 +58,7 @@ def test_int8_peer_takes_int8_inputs_runs_int8_and_agrees(trained, fp32):
     assert loaded.inputs[0]["dtype"] == np.int8  # the caller's float input is quantized for it
     census = loaded.precision_census()
     assert census["low_precision_op_fraction"] == 1.0 and census["heavy_ops"] == 2
+    assert census["xnnpack_partitions"] == q.info["xnnpack_partitions"] >= 1
     got = run_batched(loaded, xt)
     with torch.no_grad():
         ref = model(torch.from_numpy(xt)).numpy()
