@@ -37,23 +37,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
-from edgeprep.exporters.base import (
-    Exporter,
-    ExportOptions,
-    LoadedModel,
-    Runtime,
-    float32_feed,
-    package_version,
-    short_error,
-)
 from pydantic import Field
 
-from edgeprep.errors import (
-    BadInputError,
-    ExportError,
-    MissingDependencyError,
-    RuntimeFailure,
-)
+from edgeprep.errors import BadInputError, ExportError, MissingDependencyError, RuntimeFailure
+from edgeprep.exporters.base import (Exporter, ExportOptions, LoadedModel, Runtime, float32_feed, package_version,
+                                     short_error)
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, TensorSpec
 

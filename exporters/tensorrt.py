@@ -33,17 +33,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
-from edgeprep.exporters.base import (
-    ExportOptions,
-    Int8PeerExporter,
-    LoadedModel,
-    Runtime,
-    float32_feed,
-    short_error,
-)
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
+from edgeprep.exporters.base import ExportOptions, Int8PeerExporter, LoadedModel, Runtime, float32_feed, short_error
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact
 
@@ -208,6 +201,13 @@ def _refuse_non_int8(model: Any) -> None:
 
 
 def _profile(inputs: Sequence[Any], opts: TensorRTOptions) -> dict[str, list[list[int]]]:
+    """min / opt / max shapes per input: the batch axis varies, every other axis is fixed."""
+    for spec in inputs:
+        dynamic = [d for d in spec.shape[1:] if not isinstance(d, int)]
+        if dynamic:
+            raise ExportError(f"tensorrt: input {spec.name} has dynamic axes {dynamic} besides the batch; only the "
+                              "batch axis gets an optimization profile so far (export with target onnx)")
+
     def at(spec: Any, batch: int) -> list[int]:
         return [batch, *[int(d) for d in spec.shape[1:]]]
 
@@ -221,7 +221,6 @@ class TensorRTExporter(Int8PeerExporter):
 
     def export(self, model: Any, example_inputs: tuple[Any, ...], out_dir: Path, options: Any) -> Artifact:
         from edgeprep.exporters.onnx import OnnxExporter, OnnxOptions
-
         from edgeprep.quant.export import is_quantized
 
         opts = TensorRTOptions.of(options)
@@ -242,13 +241,9 @@ class TensorRTExporter(Int8PeerExporter):
 
 def quantize_for_tensorrt(artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_dir: Path) -> Artifact:
     """ORT's QDQ quantizer with TensorRT's explicit-quantization conventions (see the module doc)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     from edgeprep.exporters.onnx_ptq import _calibration_reader, _quiet, pre_process
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
     if not calib_inputs or len(calib_inputs[0]) == 0:
         raise ExportError("tensorrt int8 needs calibration inputs; set data.calibration_samples >= 1")

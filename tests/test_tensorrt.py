@@ -181,3 +181,14 @@ def test_engine_build_matches_onnxruntime_and_reports_latency(trained, tmp_path)
     q = quantize_for_tensorrt(art, [x[:256]], tmp_path / "trt-int8")
     got8 = run_batched(get_runtime("tensorrt").load(q), xt, batch_size=32)
     assert np.mean(got8.argmax(-1) == ref.argmax(-1)) >= 0.97
+
+
+def test_profile_varies_the_batch_only():
+    from edgeprep.exporters.tensorrt import _profile
+    from edgeprep.types import TensorSpec
+
+    opts = TensorRTOptions(static_batch=8, max_batch=64)
+    assert _profile([TensorSpec("x", ("batch", 3, 32, 32), "float32")], opts) == {
+        "x": [[1, 3, 32, 32], [8, 3, 32, 32], [64, 3, 32, 32]]}
+    with pytest.raises(ExportError, match="dynamic axes \\['seq'\\] besides the batch"):
+        _profile([TensorSpec("ids", ("batch", "seq"), "int64")], opts)
