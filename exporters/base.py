@@ -48,6 +48,11 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
 
 
+def static_example(example_inputs: Sequence[Any], batch: int) -> tuple[Any, ...]:
+    """The example inputs at the fixed batch an edge program is built for (first row repeated)."""
+    return tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() for t in example_inputs)
+
+
 def float32_feed(names: Sequence[str], inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Inputs by name as contiguous float32, the feed dict Core ML and Polygraphy's runners take."""
     return {n: np.ascontiguousarray(x, dtype=np.float32) for n, x in zip(names, inputs)}

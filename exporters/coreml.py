@@ -41,7 +41,7 @@ from pydantic import Field
 
 from edgeprep.errors import BadInputError, ExportError, MissingDependencyError, RuntimeFailure
 from edgeprep.exporters.base import (Exporter, ExportOptions, LoadedModel, Runtime, float32_feed, package_version,
-                                     short_error)
+                                     short_error, static_example)
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, TensorSpec
 
@@ -269,7 +269,7 @@ class CoreMLExporter(Exporter):
             carried = []
         target = _deployment_target(opts, carried)
         fp16 = opts.coreml_weights != "fp32"
-        example = example_inputs[0][:1].expand(opts.static_batch, *example_inputs[0].shape[1:]).contiguous()
+        (example,) = static_example(example_inputs, opts.static_batch)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         try:

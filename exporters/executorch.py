@@ -27,7 +27,8 @@ import numpy as np
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version, short_error
+from edgeprep.exporters.base import (ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version, short_error,
+                                     static_example)
 from edgeprep.fsutil import write_bytes_atomic
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
@@ -94,7 +95,7 @@ class ExecuTorchExporter(Int8PeerExporter):
 
         _need_executorch()
         opts = ExecuTorchOptions.of(options)
-        example = tuple(t[:1].expand(opts.static_batch, *t.shape[1:]).contiguous() for t in example_inputs)
+        example = static_example(example_inputs, opts.static_batch)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         was_training = model.training

@@ -24,7 +24,8 @@ import numpy as np
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version, short_error
+from edgeprep.exporters.base import (ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version, short_error,
+                                     static_example)
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
 
@@ -78,7 +79,7 @@ class LiteRTExporter(Int8PeerExporter):
 
         _need("litert_torch", "litert-convert")
         opts = LiteRTOptions.of(options)
-        example = tuple(t[:1].expand(opts.static_batch, *t.shape[1:]).contiguous() for t in example_inputs)
+        example = static_example(example_inputs, opts.static_batch)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         was_training = model.training
