@@ -256,8 +256,55 @@ def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
 def profile(artifact: Path = typer.Argument(..., help="Artifact directory or model file."),
             warmup: int = typer.Option(20, min=0), iters: int = typer.Option(200, min=5),
             threads: int = typer.Option(1, min=1), batch: int = typer.Option(1, min=1),
+            device: Optional[str] = typer.Option(
+                None, "--device", help="Profile on a remote device instead: ssh://user@host[:port]."),
+            identity: Optional[Path] = typer.Option(None, "--identity", help="SSH private key for --device."),
+            remote_python: str = typer.Option("python3", "--remote-python",
+                                              help="The device's Python (with numpy and the runtime)."),
+            known_hosts: Optional[Path] = typer.Option(
+                None, "--known-hosts", help="known_hosts file to verify the device (default ~/.ssh/known_hosts)."),
+            accept_new_host_key: bool = typer.Option(
+                False, "--accept-new-host-key", help="Record the key of a device not yet in known_hosts "
+                                                     "(a changed key is still refused)."),
+            remote_tmp: Optional[str] = typer.Option(None, "--remote-tmp",
+                                                     help="Temp dir on the device (default: its own)."),
+            timeout_s: int = typer.Option(600, "--timeout", min=1, help="Seconds for the whole remote run."),
             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
-    """Latency percentiles of an artifact on its runtime."""
+    """Latency percentiles of an artifact on its runtime, here or on a device over SSH."""
+    if device is None:
+        remote_only = {"--identity": identity, "--known-hosts": known_hosts, "--remote-tmp": remote_tmp,
+                       "--accept-new-host-key": accept_new_host_key or None,
+                       "--remote-python": None if remote_python == "python3" else remote_python}
+        given = [k for k, v in remote_only.items() if v is not None]
+        if given:
+            raise BadInputError(f"{', '.join(given)}: remote options, they need --device ssh://user@host[:port]")
+        return _profile_here(artifact, warmup, iters, threads, batch, as_json)
+    from edgeprep.remote.profile import profile_artifact_on_device
+    from edgeprep.remote.ssh import Device
+
+    dev = Device(url=device, identity=identity, remote_python=remote_python, known_hosts=known_hosts,
+                 accept_new_host_key=accept_new_host_key, remote_tmp=remote_tmp, timeout_s=timeout_s)
+    art, entry = profile_artifact_on_device(artifact, dev, warmup=warmup, iters=iters, threads=threads,
+                                            batch=batch)
+    if as_json:
+        _emit_json({"artifact": str(art.path), "runtime": art.runtime, **entry})
+        return
+    lat, d, par = entry["latency_ms"], entry["description"], entry["parity"]
+    lo, hi = lat["ci95_p50"]
+    peak = entry["memory"]["peak_rss_bytes"]
+    out.print(f"{art.path} on {entry['device']} ({d['cpu']}, {d['cores']} cores, {d['os']}; "
+              f"{entry['runtime']['package']} {entry['runtime']['version']}): p50 {lat['p50']:.3f} ms "
+              f"(95% CI {lo:.3f}-{hi:.3f}), p90 {lat['p90']:.3f}, p99 {lat['p99']:.3f} ms, "
+              f"peak RSS {'n/a' if peak is None else f'{peak / 2**20:.1f} MiB'} "
+              f"[{lat['iters']} iters, {lat['threads']} thread(s), batch {lat['batch']}]")
+    if par is not None:
+        sq = par["sqnr_db"]
+        agree = par["top1_agreement"]
+        out.print(f"parity on the device vs the reference outputs: SQNR {sq:.2f} dB, top-1 agreement "
+                  f"{'n/a' if agree is None else f'{agree:.4f}'}")
+
+
+def _profile_here(artifact: Path, warmup: int, iters: int, threads: int, batch: int, as_json: bool) -> None:
     from edgeprep.validate import profile_path
 
     art, stats = profile_path(artifact, warmup=warmup, iters=iters, threads=threads, batch=batch)

@@ -26,7 +26,7 @@ from edgeprep import __version__
 from edgeprep.artifacts import expectations, export_artifact
 from edgeprep.context import Context, StageReport
 from edgeprep.data import BUILTIN_SOURCES
-from edgeprep.errors import BadInputError, RuntimeFailure
+from edgeprep.errors import BadInputError, EdgeprepError, RuntimeFailure
 from edgeprep.fsutil import write_json_atomic, write_text_atomic
 from edgeprep.manifest import load_artifact, write_manifest
 from edgeprep.measure.metrics import metric_for, torch_outputs
@@ -297,6 +297,7 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
 
     entries = []
     speed_ref: dict[str, float] = {}
+    device_errors: list[EdgeprepError] = []
     # Parity reference: the final model for edgeprep's artifacts, the fp32 baseline for the rest.
     ref_outputs = {"edgeprep": torch_outputs(model, torch.from_numpy(ref_x))}
     ref_outputs["other"] = torch_outputs(baseline_model, torch.from_numpy(ref_x)) if compressed else ref_outputs["edgeprep"]
@@ -310,12 +311,16 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
         entry = {"name": art.name, "target": art.target, "runtime": art.runtime, "role": art.role,
                  "path": str(art.path), "bytes": art.size_bytes, "sha256": art.sha256, **measured,
                  "info": dict(art.info)}
+        if vcfg.devices:
+            entry["devices"] = _profile_on_devices(art, vcfg, state.base_dir, task, ref_x, ref_out, ref_y,
+                                                   device_errors, opts)
         entries.append(entry)
         if entry["latency_ms"] and (art.role == "baseline" or (art.role == "edgeprep" and not compressed)):
             speed_ref[group[art.name]] = entry["latency_ms"]["p50"]
     for entry in entries:
         ref = speed_ref.get(group[entry["name"]])
         entry["speedup"] = (ref / entry["latency_ms"]["p50"]) if ref and entry["latency_ms"] else None
+    _device_speedups(entries, group, compressed)
 
     report = {
         "schema": "edgeprep.report/1",
@@ -334,9 +339,55 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
         "artifacts": entries,
     }
     report["gates"] = evaluate_gates(recipe.gates, report)
-    report["passed"] = all(g["passed"] for g in report["gates"])
+    report["passed"] = all(g["passed"] for g in report["gates"]) and not device_errors
     write_reports(run_dir, report)
+    if device_errors:  # the report keeps every measurement made; the run still fails, with the error's exit code
+        first = device_errors[0]
+        more = f" (and {len(device_errors) - 1} more device error(s))" if len(device_errors) > 1 else ""
+        raise type(first)(f"{first}{more}; the report with every other result is in {run_dir}")
     return report
+
+
+def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_x, ref_out, ref_y,
+                        errors: list[EdgeprepError], opts: RunOptions) -> list[dict[str, Any]]:
+    """The artifact on each of the recipe's devices; a failure is recorded in its entry and kept in
+    ``errors`` (the run fails after the report is written), so one bad device loses no other result."""
+    from edgeprep.remote.profile import device_entry
+    from edgeprep.remote.session import INSTALL_HINT
+
+    results = []
+    for dcfg in vcfg.devices:
+        device = dcfg.to_device(base_dir)
+        if art.runtime not in INSTALL_HINT:
+            results.append({"device": device.label, "url": device.url,
+                            "not_run": f"{art.runtime} artifacts are not profiled over SSH "
+                                       f"(supported: {', '.join(sorted(INSTALL_HINT))})"})
+            continue
+        opts.log(f"profile {art.name} on device {device.label}")
+        p = vcfg.profile
+        try:
+            results.append(device_entry(art, device, ref_inputs=ref_x, ref_outputs=ref_out, labels=ref_y, task=task,
+                                        warmup=p.warmup, iters=p.iters, threads=p.threads, batch=p.batch))
+        except EdgeprepError as exc:
+            errors.append(exc)
+            results.append({"device": device.label, "url": device.url, "error": str(exc),
+                            "exit_code": exc.exit_code})
+    return results
+
+
+def _device_speedups(entries: list[dict[str, Any]], group: dict[str, str], compressed: bool) -> None:
+    """On each device, an artifact's speedup over the fp32 artifact of its export entry measured on
+    that same device (the host's speedup compares host numbers only)."""
+    ref: dict[tuple[str, str], float] = {}
+    for e in entries:
+        if e["role"] == "baseline" or (e["role"] == "edgeprep" and not compressed):
+            for d in e.get("devices", []):
+                if d.get("latency_ms"):
+                    ref[(group[e["name"]], d["device"])] = d["latency_ms"]["p50"]
+    for e in entries:
+        for d in e.get("devices", []):
+            r = ref.get((group[e["name"]], d["device"]))
+            d["speedup"] = r / d["latency_ms"]["p50"] if r and d.get("latency_ms") else None
 
 
 def _adopt_peer(peer, baseline_model, task, ref_x, ref_y):

@@ -304,11 +304,64 @@ class ProfileConfig(Strict):
     batch: int = Field(1, ge=1)
 
 
+class DeviceConfig(Strict):
+    """A remote device every artifact is also profiled on (edgeprep/remote/). A plain string is
+    taken as the url. Relative key / known_hosts paths resolve against the recipe's folder."""
+
+    url: str  # ssh://[user@]host[:port]
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # label in the report
+    identity: Optional[str] = None  # private key file; default: ssh's agent and ~/.ssh
+    remote_python: str = "python3"
+    known_hosts: Optional[str] = None  # default: ~/.ssh/known_hosts
+    accept_new_host_key: bool = False  # record a new host's key (a changed key is still refused)
+    connect_timeout_s: int = Field(10, ge=1)
+    timeout_s: int = Field(600, ge=1)
+    remote_tmp: Optional[str] = None
+    ssh_options: list[str] = Field(default_factory=list)  # extra -o KEY=VALUE, e.g. ProxyJump=bastion
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_shorthand(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v
+
+    @field_validator("url")
+    @classmethod
+    def _ssh_url(cls, v: str) -> str:
+        from edgeprep.errors import BadInputError
+        from edgeprep.remote.ssh import parse_url
+
+        try:
+            parse_url(v)
+        except BadInputError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    def to_device(self, base_dir: Path) -> Any:
+        from edgeprep.remote.ssh import Device
+
+        def local(p: Optional[str]) -> Optional[Path]:
+            return None if p is None else (base_dir / Path(p).expanduser())
+        return Device(url=self.url, name=self.name or "", identity=local(self.identity),
+                      remote_python=self.remote_python, known_hosts=local(self.known_hosts),
+                      accept_new_host_key=self.accept_new_host_key, connect_timeout_s=self.connect_timeout_s,
+                      timeout_s=self.timeout_s, remote_tmp=self.remote_tmp, ssh_options=tuple(self.ssh_options))
+
+
 class ValidateConfig(Strict):
     split: Literal["train", "val", "test"] = "test"
     max_samples: Optional[int] = Field(None, ge=1)  # cap on eval samples for the task metric
     parity_samples: int = Field(256, ge=1)  # reference inputs stored in each manifest
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    # Profile every artifact on each of these devices too, over SSH, with the same profile settings.
+    devices: list[DeviceConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_device_labels(self) -> "ValidateConfig":
+        labels = [d.name or d.url for d in self.devices]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"devices listed twice: {', '.join(dup)}; give each a distinct name")
+        return self
 
 
 class GatesConfig(Strict):

@@ -126,6 +126,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
     from edgeprep.report_prune import prune_sections  # it imports this module's document model
     from edgeprep.report_binarize import binarize_sections
     from edgeprep.report_qat import qat_sections
+    from edgeprep.report_devices import device_sections
     from edgeprep.report_reparam import reparam_sections
     from edgeprep.report_targets import coreml_sections, mobile_sections, not_run_sections, tensorrt_sections
 
@@ -137,6 +138,10 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
     elif passed is False:
         names = ", ".join(f"{g.get('name')} ({g.get('artifact') or 'no artifact'})" for g in failed)
         headline = f"FAILED: {len(failed)} of {len(gates)} gate(s) failed" + (f": {names}" if names else "")
+        device_failures = sum(1 for a in report.get("artifacts") or [] if isinstance(a, Mapping)
+                              for d in a.get("devices") or [] if isinstance(d, Mapping) and d.get("error"))
+        if device_failures:
+            headline += f"; {device_failures} on-device profile(s) failed (see On-device profiles)"
     else:
         headline = "UNKNOWN: the report has no pass/fail verdict"
         passed = None
@@ -159,6 +164,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
         *coreml_sections(arts),  # none without a Core ML artifact
         *tensorrt_sections(arts),  # none without a TensorRT artifact
         *mobile_sections(arts),  # none without an .ort file
+        *device_sections(arts),  # none without validate.devices
         _files_section(arts),
     ]
     return Document(f"edgeprep report: {_text(report.get('recipe'))}", passed, headline, sections)

@@ -1,0 +1,69 @@
+"""Profile an artifact on a remote device and judge what comes back, as the host judges itself.
+
+The entry this returns goes into report.json under the artifact, in ``"devices"``:
+  {"device": label, "url", "description": {cpu, board, cores, machine, os, kernel, memory_bytes, python, ...},
+   "runtime": {"package", "version"}, "latency_ms": {p50, p90, p99, mean, ci95_p50, iters, warmup, threads,
+   batch, peak_rss_bytes}, "memory": {"peak_rss_bytes", "rss_before_load_bytes"}, "load_ms",
+   "parity": {sqnr_db, max_abs, top1_agreement} | null, "metric": {name, value, samples} | null}
+Latency percentiles are computed here from the device's raw per-call samples with the same code
+as on the host (measure/latency.py), so the two are comparable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from edgeprep.measure.latency import summarize_ns
+from edgeprep.remote.session import run_on_device
+from edgeprep.remote.ssh import Device
+from edgeprep.types import Artifact
+
+
+def device_entry(artifact: Artifact, device: Device, *, ref_inputs: np.ndarray,
+                 ref_outputs: Optional[np.ndarray], labels: Optional[np.ndarray], task: Optional[str],
+                 warmup: int, iters: int, threads: int, batch: int,
+                 log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Run ``artifact`` on ``device``: parity with ``ref_outputs`` (when given), the task metric on
+    ``labels`` (when given), latency percentiles and memory, and the device's description."""
+    parity_wanted = ref_outputs is not None or labels is not None
+    res = run_on_device(artifact, device, [ref_inputs], warmup=warmup, iters=iters, threads=threads,
+                        batch=batch, parity=parity_wanted, log=log)
+    stats = summarize_ns(res.samples_ns, warmup=warmup, threads=threads, batch=res.batch)
+    stats = dataclasses.replace(stats, peak_rss_bytes=res.peak_rss_bytes or 0)  # the device's, not ours
+    entry: dict[str, Any] = {
+        "device": device.label, "url": device.url, "description": res.description,
+        "runtime": {"package": res.runtime_package, "version": res.runtime_version},
+        "latency_ms": stats.to_report(), "load_ms": res.load_ms,
+        "memory": {"peak_rss_bytes": res.peak_rss_bytes, "rss_before_load_bytes": res.rss_before_load_bytes},
+        "parity": None, "metric": None}
+    if ref_outputs is not None:
+        from edgeprep.measure.parity import parity
+
+        entry["parity"] = parity([ref_outputs], [res.outputs[0]])
+    if labels is not None and task is not None:
+        from edgeprep.measure.metrics import metric_for
+
+        name, fn = metric_for(task)
+        entry["metric"] = {"name": name, "value": fn(res.outputs[0], labels), "samples": int(len(labels))}
+    return entry
+
+
+def profile_artifact_on_device(path: Path, device: Device, *, warmup: int, iters: int, threads: int, batch: int,
+                               log: Callable[[str], None] = lambda m: None) -> tuple[Artifact, dict[str, Any]]:
+    """``edgeprep profile ARTIFACT --device``: an artifact directory brings its reference inputs and
+    outputs (so parity is checked on the device); a bare model file is timed on random inputs."""
+    from edgeprep.manifest import MANIFEST_NAME, load_reference
+    from edgeprep.validate import artifact_from_path, synthetic_inputs
+
+    artifact = artifact_from_path(path)
+    if (Path(path) / MANIFEST_NAME).is_file():
+        ref = load_reference(path)
+        return artifact, device_entry(artifact, device, ref_inputs=ref.inputs[0], ref_outputs=ref.outputs[0],
+                                      labels=ref.labels, task=ref.task, warmup=warmup, iters=iters,
+                                      threads=threads, batch=batch, log=log)
+    x = synthetic_inputs(artifact, batch)[0]
+    return artifact, device_entry(artifact, device, ref_inputs=x, ref_outputs=None, labels=None, task=None,
+                                  warmup=warmup, iters=iters, threads=threads, batch=batch, log=log)
