@@ -84,4 +84,20 @@ def diagnose() -> list[dict]:
             except Exception as exc:  # a broken install must show here, not crash doctor
                 row["note"] = f"installed but fails: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
         rows.append(row)
+    rows.append(_ssh_row())
     return rows
+
+
+def _ssh_row() -> dict:
+    """The OpenSSH client `profile --device` uses (a system program, not a Python package)."""
+    import shutil
+    import subprocess
+
+    path = shutil.which("ssh")
+    version = None
+    if path:  # `ssh -V` prints "OpenSSH_9.2p1 Debian-2, OpenSSL ..." on stderr
+        probe = subprocess.run([path, "-V"], capture_output=True, text=True, timeout=10, check=False)
+        version = (probe.stderr or probe.stdout).split(",")[0].strip() or None
+    return {"name": "ssh client", "installed": bool(path), "version": version, "extra": None,
+            "targets": "profile --device ssh://", "usable": bool(path),
+            "note": "system OpenSSH client" if path else "install OpenSSH's client (apt-get install openssh-client)"}

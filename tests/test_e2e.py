@@ -160,6 +160,10 @@ def test_listings_and_doctor(tmp_path):
     assert "ran a test graph" in rows["onnxruntime"]["note"]
     if not rows["tensorrt"]["installed"]:
         assert "edgeprep[tensorrt]" in rows["tensorrt"]["note"]
+    import shutil
+
+    ssh = rows["ssh client"]  # what `profile --device` runs
+    assert ssh["installed"] == bool(shutil.which("ssh")) and (not ssh["installed"] or ssh["version"].startswith("OpenSSH"))
 
 
 def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):

@@ -348,7 +348,7 @@ def free_bytes(path):
 def main():
     stdin = sys.stdin.buffer
     runtime = sys.argv[2] if len(sys.argv) > 2 else "onnxruntime"
-    remote_tmp = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] else None
+    remote_tmp = os.path.expanduser(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] else None
     try:
         version, package = runtime_version(runtime)
         rt = {"name": runtime, "ok": True, "version": version, "package": package}

@@ -106,10 +106,12 @@ class _Session:
         self.device, self.log = device, log
         self.started = time.monotonic()
         source = RUNNER.read_bytes()
-        remote = shlex.split(device.remote_python) + ["-u", "-c", BOOTSTRAP, str(len(source)), runtime,
-                                                      device.remote_tmp or ""]
+        # remote_python is the user's shell fragment (unquoted: "~/venv/bin/python" must expand there);
+        # everything edgeprep adds is quoted
+        command = device.remote_python + " " + shlex.join(["-u", "-c", BOOTSTRAP, str(len(source)), runtime,
+                                                           device.remote_tmp or ""])
         try:
-            self.proc = subprocess.Popen(ssh_argv(device, shlex.join(remote)), stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen(ssh_argv(device, command), stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except FileNotFoundError:
             raise DeviceDependencyError("the OpenSSH client `ssh` is not installed on this machine; install it "
