@@ -31,6 +31,7 @@ bench: venv
 	$(BIN)/python benchmarks/binarize_table.py # ~60-80 min on 2 cores: 3 seeds x W1A1 with / without estimators
 	$(BIN)/python benchmarks/reparam_executorch.py
 	$(BIN)/python benchmarks/targets_table.py  # ~6 min: vit-bench on every target, fp32 and int8
+	$(BIN)/python benchmarks/remote_profile.py # ~8 min: here vs a loopback sshd "device" (needs openssh-server)
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info
