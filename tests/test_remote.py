@@ -286,6 +286,24 @@ def test_server_killed_mid_run(device_run, tmp_path):
     assert leftovers(remote_tmp) == []
 
 
+# Runs the runner's bootstrap after arming a timer that SIGKILLs the process: a runner that dies on
+# the device without its own clean-up (the OOM killer, a crash in the runtime).
+SELF_KILLING_PYTHON = ("import os, signal, sys, threading; "
+                       "threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGKILL)).start(); "
+                       "src = sys.argv[3]; sys.argv = ['-c'] + sys.argv[4:]; exec(src)")
+
+
+def test_runner_killed_on_the_device_is_cleaned_from_the_host(device_run, sshd, tmp_path):
+    import shlex
+
+    python = f"{sys.executable} -c {shlex.quote(SELF_KILLING_PYTHON)}"
+    proc = run_cli("profile", _onnx_dir(device_run), "--iters", "100000000", *device_args(sshd, tmp_path, python=python))
+    assert proc.returncode == 3 and len(error_lines(proc)) == 1, proc.stderr
+    # OpenSSH exits 255 without a word when the remote command dies of a signal
+    assert "the runner was killed on the device" in proc.stderr and "; removed " in proc.stderr
+    assert leftovers(tmp_path, wait_s=0) == []  # removed by the host's second connection, not by the runner
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A 4 MiB file system for the device's temp dir (needs root to mount)."""

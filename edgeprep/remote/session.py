@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import posixpath
 import queue
+import re
 import shlex
 import struct
 import subprocess
@@ -23,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from edgeprep.errors import BadInputError, MissingDependencyError, RuntimeFailure
+from edgeprep.errors import BadInputError, EdgeprepError, MissingDependencyError, RuntimeFailure
 from edgeprep.remote.ssh import Device, DeviceUnreachableError, classify, ssh_argv
 from edgeprep.types import Artifact
 
@@ -100,11 +102,16 @@ def _frame(payload: bytes) -> bytes:
 
 
 class _Session:
-    """One ssh process speaking the runner's protocol; lines from its stdout arrive on a queue."""
+    """One ssh process speaking the runner's protocol; lines from its stdout arrive on a queue.
 
-    def __init__(self, device: Device, runtime: str, log: Callable[[str], None]):
+    The whole session has one deadline: a timer kills ssh when it passes, whatever the host is
+    doing then (waiting for an event, or blocked writing the artifact to a slow link)."""
+
+    def __init__(self, device: Device, runtime: str, log: Callable[[str], None], timeout_s: float):
         self.device, self.log = device, log
         self.started = time.monotonic()
+        self.expired = False
+        self.saw_bye = False  # the runner reported its dir removed (or never made one)
         source = RUNNER.read_bytes()
         # remote_python is the user's shell fragment (unquoted: "~/venv/bin/python" must expand there);
         # everything edgeprep adds is quoted
@@ -121,7 +128,14 @@ class _Session:
         threading.Thread(target=self._read_stdout, daemon=True).start()
         self._stderr_reader = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)
         self._stderr_reader.start()
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
         self.send(source)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.proc.kill()  # ends the connection; the runner on the device sees it and removes its dir
 
     def _read_stdout(self) -> None:
         for line in self.proc.stdout:
@@ -140,29 +154,39 @@ class _Session:
         except (BrokenPipeError, OSError):
             pass  # ssh is gone; the next wait() reports why from its stderr
 
-    def wait(self, deadline: float, phase: str) -> dict[str, Any]:
-        """The next event, or a typed error when ssh ends or the deadline passes."""
+    def _timed_out(self, phase: str) -> DeviceUnreachableError:
+        return DeviceUnreachableError(f"device {self.device.label}: {phase}: timed out after "
+                                      f"{time.monotonic() - self.started:.0f} s; raise the device's timeout "
+                                      "(--timeout, recipe timeout_s) or lower iters")
+
+    def wait(self, phase: str, within_s: Optional[float] = None) -> dict[str, Any]:
+        """The next event, or a typed error when ssh ends or a deadline passes."""
         try:
-            event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            event = self.events.get(timeout=within_s)
         except queue.Empty:
             self.kill()
-            raise DeviceUnreachableError(f"device {self.device.label}: {phase}: timed out after "
-                                         f"{time.monotonic() - self.started:.0f} s; raise the device's "
-                                         "timeout (timeout_s) or lower iters") from None
+            raise self._timed_out(phase) from None
         if event is None:
             self.proc.wait(timeout=30)
+            if self.expired:
+                raise self._timed_out(phase)
             self._stderr_reader.join(timeout=10)  # all of ssh's message, not a prefix of it
             stderr = b"".join(self.stderr).decode(errors="replace")
-            if self.proc.returncode == 255 or not stderr.strip():
-                raise classify(self.device, stderr or "Connection closed", phase)
-            last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
-            raise RuntimeFailure(f"device {self.device.label}: {self.device.remote_python} failed while {phase} "
-                                 f"(exit {self.proc.returncode}): {last.strip()}; check that --remote-python names "
-                               "the device's Python 3.8 or newer")
+            code = self.proc.returncode
+            if code == 255:  # ssh's own failure; anything else is the remote command's exit status
+                raise classify(self.device, stderr, phase)
+            lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+            why = f" (killed by signal {code - 128}{': out of memory?' if code == 137 else ''})" if code > 128 else ""
+            hint = ("; check that --remote-python names the device's Python 3.8 or newer" if phase == "connecting"
+                    else "")
+            raise RuntimeFailure(f"device {self.device.label}: {phase}: the runner ({self.device.remote_python}) "
+                                 f"ended with exit status {code}{why}{': ' + lines[-1] if lines else ''}{hint}")
+        self.saw_bye = self.saw_bye or event["event"] == "bye"
         self.log(f"device {self.device.label}: {event['event']}")
         return event
 
     def close(self) -> None:
+        self._timer.cancel()
         try:
             self.proc.stdin.close()
         except OSError:
@@ -177,6 +201,25 @@ class _Session:
         self.proc.wait()
 
 
+WORKDIR_NAME = re.compile(r"edgeprep-[A-Za-z0-9_]+")  # what the runner's mkdtemp makes
+
+
+def remove_remote_dir(device: Device, workdir: str) -> tuple[bool, str]:
+    """Best effort, for a runner that died without cleaning up: ``rm -rf`` its work dir over a new
+    connection. Returns (removed, why not). Only a dir the runner named is ever removed."""
+    if not WORKDIR_NAME.fullmatch(posixpath.basename(workdir)):
+        return False, f"{workdir!r} is not a runner work dir"
+    argv = ssh_argv(device, f"rm -rf -- {shlex.quote(workdir)} && test ! -e {shlex.quote(workdir)}")
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=device.connect_timeout_s + 20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, type(exc).__name__
+    if done.returncode == 0:
+        return True, ""
+    lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+    return False, lines[-1] if lines else f"exit status {done.returncode}"
+
+
 def run_on_device(artifact: Artifact, device: Device, inputs: Sequence[np.ndarray], *, warmup: int, iters: int,
                   threads: int, batch: int, parity: bool = True,
                   log: Callable[[str], None] = lambda m: None) -> RemoteResult:
@@ -187,31 +230,12 @@ def run_on_device(artifact: Artifact, device: Device, inputs: Sequence[np.ndarra
                             f"artifacts, not {artifact.runtime}; profile it on its host machine instead")
     files = payload_files(artifact)
     npz = _npz_bytes(inputs)
-    total = sum(p.stat().st_size for _, p in files) + len(npz)
-    start = time.monotonic()
-    connect_deadline = start + device.connect_timeout_s + 60  # handshake, then Python and runtime import
-    deadline = start + device.timeout_s
-    session = _Session(device, artifact.runtime, log)
+    session = _Session(device, artifact.runtime, log, timeout_s=device.timeout_s)
+    hello: dict[str, Any] = {}
     try:
-        hello = session.wait(min(connect_deadline, deadline), "connecting")
-        if hello["event"] == "error":
-            session.wait(deadline, "connecting")
-            raise RuntimeFailure(f"device {device.label}: {hello['message']}; pass --remote-tmp with a writable dir")
-        rt = hello["runtime"]
-        where = f"{device.remote_python} on {device.label}"
-        if not rt["ok"]:
-            session.send(_frame(json.dumps({"cancel": "runtime missing"}).encode()))
-            session.wait(deadline, "cancelling")
-            raise DeviceDependencyError(f"device {device.label}: {artifact.runtime} cannot be imported by {where} "
-                                        f"({rt['error']}); install it on the device: {INSTALL_HINT[artifact.runtime]}, "
-                                        "or point --remote-python at a Python that has it")
-        free = hello.get("free_bytes")
-        if free is not None and free < total + FREE_SPACE_MARGIN_BYTES:
-            session.send(_frame(json.dumps({"cancel": "no space"}).encode()))
-            session.wait(deadline, "cancelling")
-            raise DeviceDiskFullError(f"device {device.label}: {hello['workdir']} has {free:,} bytes free, the "
-                                      f"artifact needs {total:,}; free space there or pass --remote-tmp with "
-                                      "a larger file system")
+        # handshake, then the device's Python imports numpy and the runtime
+        hello = session.wait("connecting", within_s=device.connect_timeout_s + 60)
+        _check_hello(session, hello, artifact, files, npz)
         job = {"runtime": artifact.runtime, "model": files[0][0] if len(files) == 1 else Path(artifact.path).name,
                "inputs": "reference_inputs.npz", "warmup": int(warmup), "iters": int(iters),
                "threads": int(threads), "batch": int(batch), "parity": bool(parity),
@@ -224,29 +248,73 @@ def run_on_device(artifact: Artifact, device: Device, inputs: Sequence[np.ndarra
                 while chunk := f.read(1 << 20):
                     session.send(chunk)
         session.send(npz)
-        result: Optional[dict[str, Any]] = None
-        while True:
-            event = session.wait(deadline, "copying and measuring")
-            if event["event"] == "result":
-                result = event
-            elif event["event"] == "error":
-                bye = session.wait(deadline, "cleaning up")
-                note = "" if bye.get("cleaned") else f"; could not remove {hello['workdir']} on the device"
-                cls = DeviceDiskFullError if event["kind"] == "disk" else RuntimeFailure
-                hint = "; free space there or pass --remote-tmp" if event["kind"] == "disk" else ""
-                raise cls(f"device {device.label}: {artifact.runtime} {rt.get('version')} failed: "
-                          f"{event['message']}{hint}{note}")
-            elif event["event"] == "bye":
-                break
-        if result is None:
-            raise RuntimeFailure(f"device {device.label}: the runner ended without a result")
-        if not event.get("cleaned"):
-            raise RuntimeFailure(f"device {device.label}: could not remove {hello['workdir']} on the device")
+        result, bye = _collect(session, artifact, hello)
+    except EdgeprepError as exc:
+        workdir = hello.get("workdir")
+        if not workdir or session.saw_bye:
+            raise
+        # The runner never said goodbye: it died, or the connection did. It removes its own dir
+        # when the connection drops; a runner that was killed cannot, so try once more from here.
+        removed, why = remove_remote_dir(device, workdir)
+        note = (f"removed {workdir} on the device" if removed else
+                f"could not confirm {workdir} is gone from the device ({why}); the runner deletes it when it "
+                "sees the connection drop, but check and remove it by hand if the device was still running")
+        raise type(exc)(f"{exc}; {note}") from None
     finally:
         session.close()
     outputs = [np.load(io.BytesIO(base64.b64decode(o)), allow_pickle=False) for o in result["outputs"]]
+    rt = hello["runtime"]
     return RemoteResult(description=hello["device"], runtime_version=rt["version"], runtime_package=rt["package"],
                         samples_ns=[int(s) for s in result["samples_ns"]], batch=int(result["batch"]),
                         outputs=outputs, load_ms=float(result["load_ms"]), peak_rss_bytes=result["peak_rss_bytes"],
                         rss_before_load_bytes=result["rss_before_load_bytes"], workdir=hello["workdir"],
-                        cleaned=bool(event.get("cleaned")))
+                        cleaned=bool(bye.get("cleaned")))
+
+
+def _cancel(session: _Session, reason: str) -> None:
+    session.send(_frame(json.dumps({"cancel": reason}).encode()))
+    session.wait("cancelling")  # the runner removes its dir and says bye
+
+
+def _check_hello(session: _Session, hello: dict[str, Any], artifact: Artifact, files, npz: bytes) -> None:
+    """Refuse before copying anything: no temp dir, no runtime, or no room on the device."""
+    label = session.device.label
+    if hello["event"] == "error":
+        session.wait("connecting")
+        raise RuntimeFailure(f"device {label}: {hello['message']}; pass --remote-tmp with a writable dir")
+    rt = hello["runtime"]
+    if not rt["ok"]:
+        _cancel(session, "runtime missing")
+        raise DeviceDependencyError(
+            f"device {label}: {artifact.runtime} cannot be imported by {session.device.remote_python} there "
+            f"({rt['error']}); install it on the device: {INSTALL_HINT[artifact.runtime]}, or point "
+            "--remote-python at a Python that has it")
+    total = sum(p.stat().st_size for _, p in files) + len(npz)
+    free = hello.get("free_bytes")
+    if free is not None and free < total + FREE_SPACE_MARGIN_BYTES:
+        _cancel(session, "no space")
+        raise DeviceDiskFullError(f"device {label}: {hello['workdir']} has {free:,} bytes free, the artifact "
+                                  f"needs {total:,}; free space there or pass --remote-tmp with a larger file system")
+
+
+def _collect(session: _Session, artifact: Artifact, hello: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Events until the runner's bye: (result, bye), or the runner's error as a typed one."""
+    label, rt = session.device.label, hello["runtime"]
+    result: Optional[dict[str, Any]] = None
+    while True:
+        event = session.wait("copying and measuring")
+        if event["event"] == "result":
+            result = event
+        elif event["event"] == "error":
+            bye = session.wait("cleaning up")
+            note = "" if bye.get("cleaned") else f"; could not remove {hello['workdir']} on the device"
+            disk = event["kind"] == "disk"
+            cls = DeviceDiskFullError if disk else RuntimeFailure
+            raise cls(f"device {label}: {artifact.runtime} {rt.get('version')} failed: {event['message']}"
+                      f"{'; free space there or pass --remote-tmp' if disk else ''}{note}")
+        elif event["event"] == "bye":
+            if result is None:
+                raise RuntimeFailure(f"device {label}: the runner ended without a result")
+            if not event.get("cleaned"):
+                raise RuntimeFailure(f"device {label}: could not remove {hello['workdir']} on the device")
+            return result, event

@@ -135,15 +135,18 @@ _UNREACHABLE = (
 
 
 def classify(device: Device, stderr: str, phase: str) -> EdgeprepError:
-    """A typed one-line error for a failed ssh invocation, from OpenSSH's stderr."""
+    """A typed one-line error for a failed ssh invocation, from OpenSSH's stderr. The last matching
+    line wins: ssh's own message comes last, after anything the remote command printed."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("Warning: Permanently")]
-    detail = lines[-1] if lines else "no message from ssh"
-    for pattern, text in _ACCESS:
-        hit = next((ln for ln in lines if pattern.search(ln)), None)
-        if hit:
-            return DeviceAccessError(f"device {device.label}: {text.format(detail=hit)}")
-    for pattern, text in _UNREACHABLE:
-        hit = next((ln for ln in lines if pattern.search(ln)), None)
-        if hit:
-            return DeviceUnreachableError(f"device {device.label}: {phase}: {text.format(detail=hit)}")
-    return DeviceUnreachableError(f"device {device.label}: {phase}: ssh failed: {detail}")
+    for line in reversed(lines):
+        for pattern, text in _ACCESS:
+            if pattern.search(line):
+                return DeviceAccessError(f"device {device.label}: {text.format(detail=line)}")
+        for pattern, text in _UNREACHABLE:
+            if pattern.search(line):
+                return DeviceUnreachableError(f"device {device.label}: {phase}: {text.format(detail=line)}")
+    if not lines:  # OpenSSH exits 255 silently when the remote command dies of a signal
+        return DeviceUnreachableError(f"device {device.label}: {phase}: the connection ended without a message: "
+                                      "the runner was killed on the device (a signal, e.g. the out-of-memory "
+                                      "killer) or the link dropped")
+    return DeviceUnreachableError(f"device {device.label}: {phase}: ssh failed: {lines[-1]}")
