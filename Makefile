@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 # Re-install only when the packaging inputs change. constraints.txt pins the CPU torch build.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,coreml,executorch,litert,litert-convert]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,coreml,executorch,litert,litert-convert,hf]'
 	touch $@
 
 demo: venv

@@ -268,6 +268,7 @@ class ExportTargetConfig(Strict):
     ptq: list[Literal["dynamic", "static"]] = Field(default_factory=list)  # ORT PTQ peers
     # binarized models: binary weights 1 bit each on disk (unpacked at load) or INT2 (MatMulNBits)
     binary_storage: Literal["packed1", "int2"] = "packed1"
+    dynamic_sequence: bool = False  # token models: dim 1 of the inputs (sequence) is symbolic too
     # executorch / litert options
     static_batch: int = Field(1, ge=1)  # edge programs run one fixed input shape
     # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer; litert: ai-edge-quantizer;

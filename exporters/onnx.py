@@ -34,6 +34,7 @@ from edgeprep.types import Artifact, TensorSpec
 
 MODEL_FILE = "model.onnx"
 BATCH_DIM = "batch"
+SEQUENCE_DIM = "sequence"  # dim 1 of every input with >= 2 dims, with dynamic_sequence (token models)
 # Protobuf caps a file at 2 GB; below 1 GB every tensor is stored inline so the artifact is one file.
 EXTERNAL_DATA_MIN_BYTES = 1 << 30
 CHECK_BATCH = 3  # a batch the example did not use: proves the batch dim is really symbolic
@@ -53,6 +54,7 @@ class OnnxOptions(ExportOptions):
     mobile_fixed_batch: Optional[int] = Field(None, ge=1)  # .ort with its batch axis fixed (ORT Mobile EPs)
     ptq: list[str] = Field(default_factory=list)
     binary_storage: str = "packed1"  # binary weights: 1 bit each on disk (unpacked at load), or "int2"
+    dynamic_sequence: bool = False  # dim 1 of the inputs is symbolic too (token ids + attention mask)
 
 
 def _short(exc: BaseException) -> str:
@@ -151,15 +153,20 @@ def _input_names(model: Any, n: int) -> list[str]:
     return params[:n] if len(params) >= n else [f"input_{i}" for i in range(n)]
 
 
-def _export_dynamo(model, example, path: Path, opset: int, external: bool) -> None:
+def _dynamic_dims(example, sequence: bool) -> list[dict[int, str]]:
+    """Per input: which dims are symbolic, and their names."""
+    return [{0: BATCH_DIM, 1: SEQUENCE_DIM} if sequence and x.dim() >= 2 else {0: BATCH_DIM} for x in example]
+
+
+def _export_dynamo(model, example, path: Path, opset: int, external: bool, sequence: bool = False) -> None:
     import torch
 
     from edgeprep.models.loaders import ExportedProgramModule
 
     if isinstance(model, ExportedProgramModule):  # a .pt2 source: export its graph, not the wrapper
         model = model.program
-    batch = torch.export.Dim(BATCH_DIM)
-    dynamic_shapes = tuple({0: batch} for _ in example)
+    dims = {BATCH_DIM: torch.export.Dim(BATCH_DIM), SEQUENCE_DIM: torch.export.Dim(SEQUENCE_DIM, min=2)}
+    dynamic_shapes = tuple({axis: dims[name] for axis, name in d.items()} for d in _dynamic_dims(example, sequence))
     with _quiet_torch():
         program = torch.onnx.export(model, tuple(example), dynamo=True, opset_version=opset,
                                     dynamic_shapes=dynamic_shapes, external_data=external, verbose=False)
@@ -181,7 +188,7 @@ def _strip_node_metadata(path: Path) -> None:
     onnx.save_model(proto, str(path))
 
 
-def _export_torchscript(model, example, path: Path, opset: int, external: bool) -> list[str]:
+def _export_torchscript(model, example, path: Path, opset: int, external: bool, sequence: bool = False) -> list[str]:
     """TorchScript (tracing) export; returns its tracer warnings (signs a trace may be wrong)."""
     import torch
     from torch.utils._pytree import tree_leaves
@@ -190,7 +197,7 @@ def _export_torchscript(model, example, path: Path, opset: int, external: bool) 
         n_out = len(tree_leaves(model(*example)))
     in_names = _input_names(model, len(example))
     out_names = [f"output_{i}" for i in range(n_out)]
-    axes = {n: {0: BATCH_DIM} for n in in_names + out_names}
+    axes = {**dict(zip(in_names, _dynamic_dims(example, sequence))), **{n: {0: BATCH_DIM} for n in out_names}}
     with _quiet_torch() as caught, _c_stdout_silenced():
         torch.onnx.export(model, tuple(example), str(path), dynamo=False, opset_version=opset,
                           input_names=in_names, output_names=out_names, dynamic_axes=axes,
@@ -203,8 +210,10 @@ def _export_torchscript(model, example, path: Path, opset: int, external: bool) 
     return [" ".join(str(w.message).split())[:200] for w in caught if w.category.__name__ == "TracerWarning"]
 
 
-def _self_check(model, example, path: Path, external: bool, optimize: str, keep: set[Path]) -> dict[str, Any]:
-    """Raise with a reason unless the file is valid, has a symbolic batch and runs at any batch."""
+def _self_check(model, example, path: Path, external: bool, optimize: str, keep: set[Path],
+                sequence: bool = False) -> dict[str, Any]:
+    """Raise with a reason unless the file is valid, has a symbolic batch and runs at any batch
+    (and, with ``sequence``, at a shorter sequence too, matching the model there)."""
     import onnx
     import torch
 
@@ -237,8 +246,43 @@ def _self_check(model, example, path: Path, external: bool, optimize: str, keep:
             if len(ref) == len(outs):
                 sqnr = parity(ref, outs)["sqnr_db"]
         checked.append(batch)
+    if sequence:
+        sqnr_short = _check_shorter_sequence(model, example, session, names)
+        sqnr = sqnr_short if sqnr is None else min(sqnr, sqnr_short)
     return {"checked_batches": checked, "check_sqnr_db": sqnr, "opset": _opset(proto),
             "inputs": _tensor_specs(proto.graph.input), "outputs": _tensor_specs(proto.graph.output)}
+
+
+def _check_sequence_axis(example: Sequence[Any]) -> int:
+    """The example's sequence length (dim 1), long enough that a shorter one can be checked."""
+    lengths = {int(x.shape[1]) for x in example if x.dim() >= 2}
+    if len(lengths) != 1:
+        raise ExportError(f"dynamic_sequence: the inputs with a sequence axis (dim 1) disagree on its length: "
+                          f"{sorted(lengths) or 'none has one'}")
+    length = lengths.pop()
+    if length < 4:
+        raise ExportError(f"dynamic_sequence: export with a sequence of at least 4 (got {length}), "
+                          "so a shorter one can be checked")
+    return length
+
+
+def _check_shorter_sequence(model, example, session, names) -> float:
+    """Run the first half of the example's sequence (dim 1) through ORT and the model: a graph
+    with the example's length baked in fails here instead of on the first shorter input."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    from edgeprep.measure.parity import parity
+
+    length = _check_sequence_axis(example)
+    xs = [x[:, :length // 2] if x.dim() >= 2 else x for x in example]
+    outs = session.run(None, {n: x.detach().cpu().numpy() for n, x in zip(names, xs)})
+    with torch.no_grad():
+        ref = [t.detach().cpu().numpy() for t in tree_leaves(model(*xs))]
+    if [r.shape for r in ref] != [o.shape for o in outs]:
+        raise ExportError(f"at sequence {length // 2} ORT gives shapes {[o.shape for o in outs]}, the model "
+                          f"{[r.shape for r in ref]}: the sequence axis is not dynamic in the graph")
+    return parity(ref, outs)["sqnr_db"]
 
 
 def _opset(proto: Any) -> int:
@@ -299,6 +343,8 @@ class OnnxExporter(Exporter):
             raise ExportError(f"optimize {opts.optimize!r} is not one of {', '.join(OPTIMIZE_LEVELS)}")
         example = tuple(example_inputs)
         _check_batch_axis(example)
+        if opts.dynamic_sequence:
+            _check_sequence_axis(example)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # The contract says out_dir is empty; still, never delete a file this export does not own.
@@ -334,12 +380,12 @@ class OnnxExporter(Exporter):
             _clear(path.parent, keep)
             try:
                 if exporter == "dynamo":
-                    _export_dynamo(model, example, path, opts.opset, external)
+                    _export_dynamo(model, example, path, opts.opset, external, opts.dynamic_sequence)
                     warns: list[str] = []
                 else:
-                    warns = _export_torchscript(model, example, path, opts.opset, external)
+                    warns = _export_torchscript(model, example, path, opts.opset, external, opts.dynamic_sequence)
                 passes = finish_quantized_onnx(path, model, opts.binary_storage) if is_quantized(model) else None
-                check = _self_check(model, example, path, external, opts.optimize, keep)
+                check = _self_check(model, example, path, external, opts.optimize, keep, opts.dynamic_sequence)
                 if passes is not None:
                     check["quantized_graph"] = passes
             except Exception as exc:  # any exporter failure: try the next one, keep the reason
