@@ -62,6 +62,8 @@ def run(recipe: Recipe, base_dir: Path, opts: RunOptions) -> dict[str, Any]:
     run_dir = Path(opts.out_dir) if opts.out_dir else Path("runs") / recipe.name
     main = is_main_process()
     state = _load_inputs(recipe, base_dir, opts)  # bad model/data fail before anything is written
+    for dcfg in recipe.validate_.devices:  # and a device's missing key file, before hours of training
+        dcfg.to_device(base_dir)
     if main:
         _prepare_run_dir(run_dir, recipe, opts)
     model, baseline_model, stage_entries = _run_stages(recipe, state, run_dir, opts, main)
@@ -355,9 +357,18 @@ def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_x, ref_out, re
     from edgeprep.remote.profile import device_entry
     from edgeprep.remote.session import INSTALL_HINT
 
+    from edgeprep.remote.ssh import DeviceAccessError, DeviceUnreachableError
+
     results = []
     for dcfg in vcfg.devices:
         device = dcfg.to_device(base_dir)
+        # a device that could not be reached or logged into is not tried again for every artifact
+        earlier = next((e for e in errors if isinstance(e, (DeviceAccessError, DeviceUnreachableError))
+                        and str(e).startswith(f"device {device.label}:")), None)
+        if earlier is not None:
+            results.append({"device": device.label, "url": device.url, "exit_code": earlier.exit_code,
+                            "error": f"not tried: it failed earlier in this run ({earlier})"})
+            continue
         if art.runtime not in INSTALL_HINT:
             results.append({"device": device.label, "url": device.url,
                             "not_run": f"{art.runtime} artifacts are not profiled over SSH "

@@ -364,6 +364,8 @@ def test_recipe_device_error_keeps_the_report(sshd, tmp_path):
     for a in report["artifacts"]:
         assert a["latency_ms"]["p50"] > 0  # the host's measurements are all there
         assert "authentication failed" in a["devices"][0]["error"] and a["devices"][0]["exit_code"] == 2
+    # the device is tried once, not once per artifact
+    assert [a["devices"][0]["error"].startswith("not tried") for a in report["artifacts"]] == [False, True]
     assert "on-device profile(s) failed" in (tmp_path / "run" / "report.md").read_text()
 
 
@@ -373,6 +375,14 @@ def test_recipe_refuses_bad_device_url(tmp_path):
     assert proc.returncode == 2 and len(error_lines(proc)) == 1
     assert "validate.devices.0.url" in proc.stderr and "ssh://user@host" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_recipe_missing_key_file_fails_before_training(tmp_path):
+    text = DEVICE_RECIPE.format(url="ssh://pi@raspberrypi.local", key="no-such-key", known="kh", python="python3",
+                                tmp="/tmp")
+    proc = run_recipe_text(tmp_path, text)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "does not exist" in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before any stage ran or anything was written
 
 
 def test_outputs_roundtrip_exactly(device_run, sshd, tmp_path):
