@@ -2,7 +2,7 @@
 
 A vit-bench recipe (finetune, then ONNX + ORT static PTQ, LiteRT + int8, ExecuTorch) runs once with
 a loopback "device" in validate.devices: a real OpenSSH server started by this script on 127.0.0.1
-with a key made for it (tests/sshd_server.py), or --device with your own board. Then --rounds
+with a key made for it (tests/conftest.py, start_sshd), or --device with your own board. Then --rounds
 interleaved rounds profile every artifact here (`edgeprep profile`'s code path) and on the device
 (`edgeprep profile --device`). On loopback the device is this machine, so its p50 should equal the
 local p50 within noise and its parity should equal the host's: a check that the standalone runner
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the loopback sshd helper the tests use
+sys.path.insert(0, str(REPO / "tests"))  # conftest.start_sshd: the loopback sshd the tests use
 
 from edgeprep.fsutil import write_text_atomic  # noqa: E402
 from edgeprep.remote.profile import profile_artifact_on_device  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="edgeprep-remote-bench-"))
     server = None
     if args.device is None:
-        from sshd_server import start_sshd
+        from conftest import start_sshd
 
         server = start_sshd(work / "sshd")
         device = Device(url=server.url, name="loopback", identity=server.user_key, known_hosts=server.known_hosts,

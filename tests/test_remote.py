@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import error_lines, run_cli, run_recipe_text
+from conftest import error_lines, run_cli, run_recipe_text, start_sshd, stop_sshd
 from edgeprep.errors import BadInputError
 from edgeprep.remote.ssh import Device, classify, parse_url, ssh_argv
-from sshd_server import start_sshd, stop_sshd
+
 
 
 # ----------------------------------------------------------------------------- pure units
@@ -226,7 +226,7 @@ def test_wrong_key_is_an_authentication_error(device_run, sshd, tmp_path):
 
 
 def test_unreachable_port_is_exit_3(device_run, sshd, tmp_path):
-    from sshd_server import _free_port
+    from conftest import _free_port
 
     proc = run_cli("profile", _onnx_dir(device_run), "--device", f"ssh://{sshd.user}@127.0.0.1:{_free_port()}",
                    "--identity", str(sshd.user_key), "--known-hosts", str(sshd.known_hosts))
