@@ -256,6 +256,8 @@ def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
 def profile(artifact: Path = typer.Argument(..., help="Artifact directory or model file."),
             warmup: int = typer.Option(20, min=0), iters: int = typer.Option(200, min=5),
             threads: int = typer.Option(1, min=1), batch: int = typer.Option(1, min=1),
+            seq_len: int = typer.Option(128, "--seq-len", min=2,
+                                        help="Bare model file: length of a symbolic sequence dim (token models)."),
             device: Optional[str] = typer.Option(
                 None, "--device", help="Profile on a remote device instead: ssh://user@host[:port]."),
             identity: Optional[Path] = typer.Option(None, "--identity", help="SSH private key for --device."),
@@ -278,14 +280,14 @@ def profile(artifact: Path = typer.Argument(..., help="Artifact directory or mod
         given = [k for k, v in remote_only.items() if v is not None]
         if given:
             raise BadInputError(f"{', '.join(given)}: remote options, they need --device ssh://user@host[:port]")
-        return _profile_here(artifact, warmup, iters, threads, batch, as_json)
+        return _profile_here(artifact, warmup, iters, threads, batch, seq_len, as_json)
     from edgeprep.remote.profile import profile_artifact_on_device
     from edgeprep.remote.ssh import Device
 
     dev = Device(url=device, identity=identity, remote_python=remote_python, known_hosts=known_hosts,
                  accept_new_host_key=accept_new_host_key, remote_tmp=remote_tmp, timeout_s=timeout_s)
     art, entry = profile_artifact_on_device(artifact, dev, warmup=warmup, iters=iters, threads=threads,
-                                            batch=batch)
+                                            batch=batch, seq_len=seq_len)
     if as_json:
         _emit_json({"artifact": str(art.path), "runtime": art.runtime, **entry})
         return
@@ -304,10 +306,11 @@ def profile(artifact: Path = typer.Argument(..., help="Artifact directory or mod
                   f"{'n/a' if agree is None else f'{agree:.4f}'}")
 
 
-def _profile_here(artifact: Path, warmup: int, iters: int, threads: int, batch: int, as_json: bool) -> None:
+def _profile_here(artifact: Path, warmup: int, iters: int, threads: int, batch: int, seq_len: int,
+                  as_json: bool) -> None:
     from edgeprep.validate import profile_path
 
-    art, stats = profile_path(artifact, warmup=warmup, iters=iters, threads=threads, batch=batch)
+    art, stats = profile_path(artifact, warmup=warmup, iters=iters, threads=threads, batch=batch, seq_len=seq_len)
     if as_json:
         _emit_json({"artifact": str(art.path), "runtime": art.runtime, "latency_ms": stats.to_report()})
         return

@@ -377,7 +377,7 @@ def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_x, ref_out, re
         opts.log(f"profile {art.name} on device {device.label}")
         p = vcfg.profile
         try:
-            results.append(device_entry(art, device, ref_inputs=ref_x, ref_outputs=ref_out, labels=ref_y, task=task,
+            results.append(device_entry(art, device, ref_inputs=[ref_x], ref_outputs=ref_out, labels=ref_y, task=task,
                                         warmup=p.warmup, iters=p.iters, threads=p.threads, batch=p.batch))
         except EdgeprepError as exc:
             errors.append(exc)

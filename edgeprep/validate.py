@@ -118,26 +118,39 @@ def _onnx_inputs(path: Path) -> tuple[TensorSpec, ...]:
     from edgeprep.exporters.onnxruntime_rt import ORT_DTYPES, create_session
 
     sess = create_session(path)  # a load failure is a one-line RuntimeFailure (exit 3)
-    return tuple(TensorSpec(i.name, tuple(d if isinstance(d, int) else "batch" for d in i.shape),
-                            np.dtype(ORT_DTYPES.get(i.type, np.float32)).name) for i in sess.get_inputs())
+    def dims(shape) -> tuple[int | str, ...]:  # dim 0 symbolic -> "batch"; other symbols kept ("sequence")
+        return tuple(d if isinstance(d, int) else ("batch" if i == 0 else (d or "?")) for i, d in enumerate(shape))
+
+    return tuple(TensorSpec(i.name, dims(i.shape), np.dtype(ORT_DTYPES.get(i.type, np.float32)).name)
+                 for i in sess.get_inputs())
 
 
-def synthetic_inputs(artifact: Artifact, batch: int, seed: int = 0) -> list[np.ndarray]:
-    """Random inputs matching the artifact's input specs (symbolic dims -> ``batch``)."""
+DEFAULT_SEQ_LEN = 128  # what a bare token model's symbolic sequence dim is profiled at
+
+
+def synthetic_inputs(artifact: Artifact, batch: int, seq_len: int = DEFAULT_SEQ_LEN,
+                     seed: int = 0) -> list[np.ndarray]:
+    """Inputs matching the artifact's input specs: a symbolic dim 0 -> ``batch``, any other
+    symbolic dim (a sequence) -> ``seq_len``. Float inputs are random normal; integer inputs are
+    ones (a valid token id and a full attention mask: random integers could exceed a vocabulary)."""
     rng = np.random.default_rng(seed)
     arrays = []
     for spec in artifact.inputs:
-        shape = [batch if isinstance(d, str) else int(d) for d in spec.shape]
-        arrays.append(rng.standard_normal(shape).astype(spec.dtype))
+        shape = [int(d) if not isinstance(d, str) else (batch if i == 0 else seq_len) for i, d in enumerate(spec.shape)]
+        if np.issubdtype(np.dtype(spec.dtype), np.integer) or np.dtype(spec.dtype) == np.bool_:
+            arrays.append(np.ones(shape, dtype=spec.dtype))
+        else:
+            arrays.append(rng.standard_normal(shape).astype(spec.dtype))
     return arrays
 
 
-def profile_path(path: Path, *, warmup: int, iters: int, threads: int, batch: int) -> tuple[Artifact, LatencyStats]:
-    """``edgeprep profile``: reference inputs when the artifact has them, else random ones."""
+def profile_path(path: Path, *, warmup: int, iters: int, threads: int, batch: int,
+                 seq_len: int = DEFAULT_SEQ_LEN) -> tuple[Artifact, LatencyStats]:
+    """``edgeprep profile``: reference inputs when the artifact has them, else synthetic ones."""
     artifact = artifact_from_path(path)
     if (Path(path) / MANIFEST_NAME).is_file():
-        inputs: Sequence[np.ndarray] = [_batch_of(load_reference(path).inputs[0], batch)]
+        inputs: Sequence[np.ndarray] = [_batch_of(x, batch) for x in load_reference(path).inputs]
     else:
-        inputs = synthetic_inputs(artifact, batch)
+        inputs = synthetic_inputs(artifact, batch, seq_len)
     loaded = load_runtime(artifact, threads=threads)
     return artifact, loaded.profile(list(inputs), warmup=warmup, iters=iters)

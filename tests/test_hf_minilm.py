@@ -79,16 +79,25 @@ def test_minilm_loads_offline_and_embeds_like_a_sentence_model(minilm):
     assert cosines(e, e128).min() > 0.99999
 
 
-def test_minilm_onnx_dynamic_batch_and_sequence_matches_pytorch(minilm, tmp_path):
-    from edgeprep.exporters import get_exporter, get_runtime
+@pytest.fixture(scope="module")
+def minilm_onnx(minilm, tmp_path_factory):
+    from edgeprep.exporters import get_exporter
     from edgeprep.exporters.onnx import OnnxOptions
     from edgeprep.models.hf import tokenize
 
     model, tok = minilm
+    ids, mask = tokenize(tok, split(0, 4)[1], 16)
+    return get_exporter("onnx").export(model, (torch.from_numpy(ids), torch.from_numpy(mask)),
+                                       tmp_path_factory.mktemp("minilm") / "onnx", OnnxOptions(dynamic_sequence=True))
+
+
+def test_minilm_onnx_dynamic_batch_and_sequence_matches_pytorch(minilm, minilm_onnx):
+    from edgeprep.exporters import get_runtime
+    from edgeprep.models.hf import tokenize
+
+    model, tok = minilm
     _, test = split(0, 64)
-    ids, mask = tokenize(tok, test[:4], 16)
-    art = get_exporter("onnx").export(model, (torch.from_numpy(ids), torch.from_numpy(mask)), tmp_path / "onnx",
-                                      OnnxOptions(dynamic_sequence=True))
+    art = minilm_onnx
     assert [s.shape for s in art.inputs] == [("batch", "sequence")] * 2 and art.inputs[0].dtype == "int64"
     assert art.info["check_sqnr_db"] > 60  # the exporter's own check, incl. a sequence of 8 (half the example)
     loaded = get_runtime("onnxruntime").load(art)
@@ -110,3 +119,18 @@ def test_dynamic_sequence_refuses_too_short_an_example(minilm, tmp_path):
     ids = torch.ones(2, 3, dtype=torch.int64)
     with pytest.raises(ExportError, match="sequence of at least 4"):
         get_exporter("onnx").export(model, (ids, torch.ones_like(ids)), tmp_path / "x", OnnxOptions(dynamic_sequence=True))
+
+
+def test_bare_token_model_file_is_profiled_at_the_asked_sequence_length(minilm_onnx):
+    from conftest import run_cli
+    from edgeprep.validate import artifact_from_path, synthetic_inputs
+
+    bare = artifact_from_path(minilm_onnx.path)  # the .onnx alone: no manifest, no reference inputs
+    assert [s.shape for s in bare.inputs] == [("batch", "sequence")] * 2
+    ids, mask = synthetic_inputs(bare, batch=2, seq_len=64)
+    assert ids.shape == mask.shape == (2, 64) and ids.dtype == np.int64 and set(np.unique(ids)) == {1}
+    proc = run_cli("profile", str(minilm_onnx.path), "--iters", "5", "--warmup", "1", "--seq-len", "32", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    assert json.loads(proc.stdout)["latency_ms"]["iters"] == 5

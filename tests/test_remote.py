@@ -277,7 +277,7 @@ def test_server_killed_mid_run(device_run, tmp_path):
                  remote_python=sys.executable, remote_tmp=str(remote_tmp), timeout_s=120)
     try:
         with pytest.raises(DeviceUnreachableError) as info:
-            device_entry(art, dev, ref_inputs=ref.inputs[0], ref_outputs=ref.outputs[0], labels=None, task=None,
+            device_entry(art, dev, ref_inputs=ref.inputs, ref_outputs=ref.outputs[0], labels=None, task=None,
                          warmup=0, iters=10**8, threads=1, batch=1, log=on_event)
     finally:
         stop_sshd(server)
@@ -345,7 +345,7 @@ def test_disk_full_while_copying(device_run, sshd, tiny_tmpfs):
     dev = Device(url=sshd.url, identity=sshd.user_key, known_hosts=sshd.known_hosts, remote_python=sys.executable,
                  remote_tmp=str(tiny_tmpfs))
     with pytest.raises(DeviceDiskFullError) as info:
-        device_entry(art, dev, ref_inputs=ref.inputs[0], ref_outputs=ref.outputs[0], labels=None, task=None,
+        device_entry(art, dev, ref_inputs=ref.inputs, ref_outputs=ref.outputs[0], labels=None, task=None,
                      warmup=0, iters=5, threads=1, batch=1, log=fill_on_hello)
     assert info.value.exit_code == 3 and "No space left" in str(info.value)
     assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["filler"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -22,14 +22,15 @@ from edgeprep.remote.ssh import Device
 from edgeprep.types import Artifact
 
 
-def device_entry(artifact: Artifact, device: Device, *, ref_inputs: np.ndarray,
+def device_entry(artifact: Artifact, device: Device, *, ref_inputs: Sequence[np.ndarray],
                  ref_outputs: Optional[np.ndarray], labels: Optional[np.ndarray], task: Optional[str],
                  warmup: int, iters: int, threads: int, batch: int,
                  log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Run ``artifact`` on ``device``: parity with ``ref_outputs`` (when given), the task metric on
+    """Run ``artifact`` on ``device`` (one array per model input in ``ref_inputs``): parity with
+    ``ref_outputs`` (when given), the task metric on
     ``labels`` (when given), latency percentiles and memory, and the device's description."""
     parity_wanted = ref_outputs is not None or labels is not None
-    res = run_on_device(artifact, device, [ref_inputs], warmup=warmup, iters=iters, threads=threads,
+    res = run_on_device(artifact, device, list(ref_inputs), warmup=warmup, iters=iters, threads=threads,
                         batch=batch, parity=parity_wanted, log=log)
     stats = summarize_ns(res.samples_ns, warmup=warmup, threads=threads, batch=res.batch)
     stats = dataclasses.replace(stats, peak_rss_bytes=res.peak_rss_bytes or 0)  # the device's, not ours
@@ -52,6 +53,7 @@ def device_entry(artifact: Artifact, device: Device, *, ref_inputs: np.ndarray,
 
 
 def profile_artifact_on_device(path: Path, device: Device, *, warmup: int, iters: int, threads: int, batch: int,
+                               seq_len: int = 128,
                                log: Callable[[str], None] = lambda m: None) -> tuple[Artifact, dict[str, Any]]:
     """``edgeprep profile ARTIFACT --device``: an artifact directory brings its reference inputs and
     outputs (so parity is checked on the device); a bare model file is timed on random inputs."""
@@ -61,9 +63,9 @@ def profile_artifact_on_device(path: Path, device: Device, *, warmup: int, iters
     artifact = artifact_from_path(path)
     if (Path(path) / MANIFEST_NAME).is_file():
         ref = load_reference(path)
-        return artifact, device_entry(artifact, device, ref_inputs=ref.inputs[0], ref_outputs=ref.outputs[0],
+        return artifact, device_entry(artifact, device, ref_inputs=ref.inputs, ref_outputs=ref.outputs[0],
                                       labels=ref.labels, task=ref.task, warmup=warmup, iters=iters,
                                       threads=threads, batch=batch, log=log)
-    x = synthetic_inputs(artifact, batch)[0]
-    return artifact, device_entry(artifact, device, ref_inputs=x, ref_outputs=None, labels=None, task=None,
+    xs = synthetic_inputs(artifact, batch, seq_len)
+    return artifact, device_entry(artifact, device, ref_inputs=xs, ref_outputs=None, labels=None, task=None,
                                   warmup=warmup, iters=iters, threads=threads, batch=batch, log=log)
