@@ -29,6 +29,7 @@ from edgeprep.exporters.onnxruntime_rt import OPTIMIZE_LEVELS, create_session, o
 from edgeprep.fsutil import sha256_file
 from edgeprep.manifest import describe_file
 from edgeprep.quant.export import exporting, is_quantized, quantization_summary
+from edgeprep.exporters.residual_sum import residual_adds_to_sum
 from edgeprep.quant.onnx_passes import finish_quantized_onnx
 from edgeprep.types import Artifact, TensorSpec
 
@@ -55,6 +56,9 @@ class OnnxOptions(ExportOptions):
     ptq: list[str] = Field(default_factory=list)
     binary_storage: str = "packed1"  # binary weights: 1 bit each on disk (unpacked at load), or "int2"
     dynamic_sequence: bool = False  # dim 1 of the inputs is symbolic too (token ids + attention mask)
+    # residual Add -> LayerNormalization written as Sum, so ORT does not fuse it into its slow
+    # SkipLayerNormalization kernel (edgeprep.exporters.residual_sum)
+    residual_sum: bool = True
 
 
 def _short(exc: BaseException) -> str:
@@ -385,6 +389,7 @@ class OnnxExporter(Exporter):
                 else:
                     warns = _export_torchscript(model, example, path, opts.opset, external, opts.dynamic_sequence)
                 passes = finish_quantized_onnx(path, model, opts.binary_storage) if is_quantized(model) else None
+                residual_sums = residual_adds_to_sum(path) if opts.residual_sum else 0
                 check = _self_check(model, example, path, external, opts.optimize, keep, opts.dynamic_sequence)
                 if passes is not None:
                     check["quantized_graph"] = passes
@@ -395,7 +400,8 @@ class OnnxExporter(Exporter):
                 fallback = f"dynamo export failed: {reasons['dynamo']}"
             else:
                 fallback = None if opts.dynamo else "dynamo disabled in the recipe (dynamo: false)"
-            return {"exporter": exporter, "fallback_reason": fallback, "tracer_warnings": warns[:3], **check}
+            return {"exporter": exporter, "fallback_reason": fallback, "tracer_warnings": warns[:3],
+                    "residual_sums": residual_sums, **check}
         _clear(path.parent, keep)
         why = "; ".join(f"{k}: {v}" for k, v in reasons.items())
         raise ExportError(f"ONNX export failed with every exporter ({why})")
