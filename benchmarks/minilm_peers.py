@@ -102,36 +102,43 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     torch.set_num_threads(2)
     model, tok = load_sentence_encoder(minilm_dir())
-    _, test = split(0, args.sentences)
     with tempfile.TemporaryDirectory(prefix="edgeprep-minilm-") as tmp:
         peers = build_peers(Path(tmp), model, tok)
-        ids, mask = tokenize(tok, test, 128)
-        with torch.no_grad():
-            teacher = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        quality, sizes = {}, {}
-        for name, (path, level, needs_pool) in peers.items():
-            sess = create_session(path, level, threads=2)
-            out = np.concatenate([sess.run(None, feed_for(sess, ids[i:i + 50], mask[i:i + 50]))[0]
-                                  for i in range(0, len(ids), 50)])
-            quality[name] = embedding_fidelity(teacher, pooled(out, mask) if needs_pool else out)
-            sizes[name] = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
-        latency: dict[tuple[str, int, int], list[float]] = {}
-        sentence = "Return the number of items in a container, counting each distinct value once."
-        for seq in (32, 128):
-            x_ids, x_mask = tokenize(tok, [sentence], seq)
-            for threads in (1, 2):
-                sessions = {n: create_session(p, lvl, threads=threads) for n, (p, lvl, _) in peers.items()}
-                feeds = {n: feed_for(s, x_ids, x_mask) for n, s in sessions.items()}
-                for _ in range(args.rounds):
-                    for n, s in sessions.items():
-                        run, feed = s.run, feeds[n]
-                        stats = time_callable(lambda: run(None, feed), warmup=10, iters=args.iters,
-                                              threads=threads, batch=1)
-                        latency.setdefault((n, seq, threads), []).append(stats.p50_ms)
+        quality, sizes, latency = measure_all(peers, model, tok, args.sentences, args.rounds, args.iters)
     text = render(peers, quality, sizes, latency, args, time.perf_counter() - t_start)
     print(text)
     write_text_atomic(args.out, text)
     return 0
+
+
+def measure_all(peers: dict[str, tuple[Path, str, bool]], model, tok, sentences: int, rounds: int, iters: int):
+    """(quality, bytes, latency) of every model in ``peers``, in one process: quality on the first
+    ``sentences`` sentences of the hash-ordered corpus at sequence 128 against ``model`` (PyTorch
+    fp32), latency in interleaved rounds at every (sequence, threads) of the issue."""
+    _, test = split(0, sentences)
+    ids, mask = tokenize(tok, test, 128)
+    with torch.no_grad():
+        teacher = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    quality, sizes = {}, {}
+    for name, (path, level, needs_pool) in peers.items():
+        sess = create_session(path, level, threads=2)
+        out = np.concatenate([sess.run(None, feed_for(sess, ids[i:i + 50], mask[i:i + 50]))[0]
+                              for i in range(0, len(ids), 50)])
+        quality[name] = embedding_fidelity(teacher, pooled(out, mask) if needs_pool else out)
+        sizes[name] = sum(p.stat().st_size for p in Path(path).parent.glob(Path(path).name + "*"))
+    latency: dict[tuple[str, int, int], list[float]] = {}
+    sentence = "Return the number of items in a container, counting each distinct value once."
+    for seq in (32, 128):
+        x_ids, x_mask = tokenize(tok, [sentence], seq)
+        for threads in (1, 2):
+            sessions = {n: create_session(p, lvl, threads=threads) for n, (p, lvl, _) in peers.items()}
+            feeds = {n: feed_for(s, x_ids, x_mask) for n, s in sessions.items()}
+            for _ in range(rounds):
+                for n, s in sessions.items():
+                    run, feed = s.run, feeds[n]
+                    stats = time_callable(lambda: run(None, feed), warmup=10, iters=iters, threads=threads, batch=1)
+                    latency.setdefault((n, seq, threads), []).append(stats.p50_ms)
+    return quality, sizes, latency
 
 
 def render(peers, quality, sizes, latency, args, seconds: float) -> str:

@@ -42,11 +42,15 @@ def export_artifact(exporter: Any, model: torch.nn.Module, example: tuple[torch.
     """
     from edgeprep.reparam.fold import export_form
 
+    from edgeprep.models.hf import export_view, runtime_inputs
+
     ref_out = torch_outputs(model, torch.from_numpy(ref_x))
     export_model = export_form(model, example)  # refuses (exit 2) while a PRepBN still mixes in LayerNorm
+    # a packed token model exports as its two-input inner module (input_ids, attention_mask)
+    export_model, export_example = export_view(export_model, example)
     with atomic_dir(Path(out_dir)) as tmp:
-        art = exporter.export(export_model, example, tmp, cfg)
+        art = exporter.export(export_model, export_example, tmp, cfg)
         art = dataclasses.replace(art, name=name, role=role, info={**dict(art.info), "optimize": cfg.optimize})
-        write_manifest(art, task=task, ref_inputs=[ref_x], ref_outputs=[ref_out], labels=labels,
+        write_manifest(art, task=task, ref_inputs=runtime_inputs(model, ref_x), ref_outputs=[ref_out], labels=labels,
                        extra={"expect": expect})
     return load_artifact(Path(out_dir))

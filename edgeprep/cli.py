@@ -234,6 +234,8 @@ def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
                                                           "int8, palettize4, palettize2 or int4-block."),
            coreml_target: Optional[str] = typer.Option(None, help="coreml: iOS16, iOS17 or iOS18 (default: the "
                                                                   "lowest the weights allow)."),
+           dynamic_sequence: bool = typer.Option(False, "--dynamic-sequence",
+                                                 help="onnx: token models take any sequence length (axis 1)."),
            trust_pickle: bool = typer.Option(False, "--trust-pickle"),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Export a checkpoint to one target (artifact dir with manifest and reference data)."""
@@ -243,6 +245,8 @@ def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
                                "static_batch": static_batch}
     if target == "coreml":
         options.update(coreml_weights=coreml_weights, coreml_target=coreml_target)
+    if dynamic_sequence:
+        options["dynamic_sequence"] = True
     art = export_checkpoint(ckpt, output, options, trust_pickle=trust_pickle)
     if as_json:
         _emit_json({"name": art.name, "target": art.target, "path": str(art.path), "bytes": art.size_bytes,

@@ -39,9 +39,11 @@ class Context:
     # Structural stages append to it; checkpoints store it and loading replays it.
     decisions: list[dict[str, Any]] = field(default_factory=list)
 
-    def require_classification(self, stage: str, why: str, fix: str) -> None:
-        """The built-in training stages train on class labels; other tasks get one line with a fix."""
-        if self.data.task != "classification":
+    def require_classification(self, stage: str, why: str, fix: str,
+                               also: tuple[str, ...] = ()) -> None:
+        """The built-in training stages train on class labels (and the tasks in ``also``, e.g.
+        "embedding", whose targets train through the same loop); other tasks get one line with a fix."""
+        if self.data.task != "classification" and self.data.task not in also:
             from edgeprep.errors import BadInputError
 
             raise BadInputError(f"stage {stage} {why}; the data is a {self.data.task!r} task; {fix}")

@@ -14,6 +14,7 @@ import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -32,8 +33,10 @@ _PRESPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 @dataclass
 class Split:
-    x: torch.Tensor  # float32 [N, *input_shape]
-    y: torch.Tensor  # int64 [N]
+    x: torch.Tensor  # float32 [N, *input_shape] (text: int64 [N, 2, seq], see edgeprep.text_data)
+    y: torch.Tensor  # int64 [N] class labels (task "embedding": float32 [N, dim] teacher embeddings)
+    # applied by the train loop to each training batch of x (text: drop all-padding columns)
+    trim: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -42,7 +45,7 @@ class Split:
 @dataclass
 class DataBundle:
     name: str
-    task: str  # "classification"
+    task: str  # "classification" | "embedding" (edgeprep.text_data)
     num_classes: int
     input_shape: tuple[int, ...]  # per sample, e.g. (1, 8, 8)
     train: Split

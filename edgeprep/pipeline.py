@@ -29,8 +29,10 @@ from edgeprep.data import BUILTIN_SOURCES
 from edgeprep.errors import BadInputError, EdgeprepError, RuntimeFailure
 from edgeprep.fsutil import write_json_atomic, write_text_atomic
 from edgeprep.manifest import load_artifact, write_manifest
-from edgeprep.measure.metrics import metric_for, torch_outputs
+from edgeprep.measure.metrics import extra_metrics, metric_for, torch_outputs
+from edgeprep.models.hf import runtime_inputs
 from edgeprep.recipe import Recipe, load_recipe
+from edgeprep.text_data import TEXT_SOURCES
 
 DONE_MARKER = "done.json"
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -136,9 +138,17 @@ def _load_inputs(recipe: Recipe, base_dir: Path, opts: RunOptions) -> _Inputs:
             raise BadInputError(f"model {recipe.model.source!r} has no default data set; set data.source "
                                 "(digits, digits32, a .npz file or an image folder)")
         data_cfg = data_cfg.model_copy(update={"source": handle.data})
-    if data_cfg.source not in BUILTIN_SOURCES and (base_dir / data_cfg.source).exists():  # a path: make it absolute so checkpoints are portable
+    if data_cfg.source not in BUILTIN_SOURCES + TEXT_SOURCES and (base_dir / data_cfg.source).exists():  # a path: make it absolute so checkpoints are portable
         data_cfg = data_cfg.model_copy(update={"source": str((base_dir / data_cfg.source).resolve())})
-    data = load_data(data_cfg, base_dir=base_dir)
+    if data_cfg.source in TEXT_SOURCES:
+        from edgeprep.text_data import load_text_data
+
+        data = load_text_data(data_cfg, handle)
+    else:
+        if handle.tokenizer is not None:
+            raise BadInputError(f"model {handle.name} is a text model; its data.source must be text "
+                                f"({', '.join(TEXT_SOURCES)}), not {data_cfg.source!r}")
+        data = load_data(data_cfg, base_dir=base_dir)
     if handle.input_shape is not None and tuple(handle.input_shape) != tuple(data.input_shape):
         raise BadInputError(f"model {handle.name} expects inputs of shape {tuple(handle.input_shape)} but data "
                             f"{data.name} gives {tuple(data.input_shape)}; choose matching data.source")
@@ -249,10 +259,11 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 def _stage_entry(kind, seconds, model, state: _Inputs, report: StageReport, metric_name, metric_fn):
     from edgeprep.measure.cost import count_macs, count_params
 
-    value = metric_fn(torch_outputs(model, state.eval_x), state.eval_y.numpy())
+    outputs, labels = torch_outputs(model, state.eval_x), state.eval_y.numpy()
+    metric = {"name": metric_name, "value": metric_fn(outputs, labels), **extra_metrics(state.data.task, outputs, labels)}
     return {"kind": kind, "seconds": round(seconds, 3), "params": count_params(model),
             "macs": count_macs(model, (state.example_inputs[0][:1],)),
-            "metric": {"name": metric_name, "value": value}, "notes": list(report.notes),
+            "metric": metric, "notes": list(report.notes),
             "details": dict(report.metrics)}
 
 
@@ -268,8 +279,10 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
     metric_name, metric_fn = metric_for(task)
     vcfg = recipe.validate_
     eval_x, eval_y = state.eval_x.numpy(), state.eval_y.numpy()
-    ref_x = np.ascontiguousarray(eval_x[:vcfg.parity_samples])
+    ref_x = np.ascontiguousarray(eval_x[:vcfg.parity_samples])  # the pipeline's rows (packed for token models)
     ref_y = eval_y[:vcfg.parity_samples]
+    # what the runtimes are fed: one array per artifact input (input_ids and attention_mask for token models)
+    ref_in, eval_in = runtime_inputs(model, ref_x), runtime_inputs(model, eval_x)
     baseline_value = metric_fn(torch_outputs(baseline_model, state.eval_x), eval_y)
     compressed = _first_compression(recipe) < len(recipe.stages)
 
@@ -292,9 +305,9 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
                                        expect=expectations("baseline", None, None))
             artifacts.append(base_art)
             group[base_art.name] = name
-        calib = [np.ascontiguousarray(state.data.calib.numpy())]
+        calib = runtime_inputs(model, state.data.calib.numpy())
         for peer in exporter.derived(base_art, calib, run_dir / "artifacts", cfg):
-            artifacts.append(_adopt_peer(peer, baseline_model, task, ref_x, ref_y))
+            artifacts.append(_adopt_peer(peer, baseline_model, task, ref_x, ref_in, ref_y))
             group[artifacts[-1].name] = name
 
     entries = []
@@ -306,7 +319,7 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
     for art in artifacts:
         opts.log(f"judge {art.name} on {art.runtime}")
         ref_out = ref_outputs["edgeprep" if art.role == "edgeprep" else "other"]
-        measured = judge(art, task=task, ref_inputs=ref_x, ref_outputs=ref_out, eval_x=eval_x, eval_y=eval_y,
+        measured = judge(art, task=task, ref_inputs=ref_in, ref_outputs=ref_out, eval_x=eval_in, eval_y=eval_y,
                          warmup=vcfg.profile.warmup, iters=vcfg.profile.iters,
                          threads=vcfg.profile.threads, batch=vcfg.profile.batch,
                          save_graph_to=run_dir / "runtime_graphs" / f"{art.name}.optimized.onnx")
@@ -314,7 +327,7 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
                  "path": str(art.path), "bytes": art.size_bytes, "sha256": art.sha256, **measured,
                  "info": dict(art.info)}
         if vcfg.devices:
-            entry["devices"] = _profile_on_devices(art, vcfg, state.base_dir, task, ref_x, ref_out, ref_y,
+            entry["devices"] = _profile_on_devices(art, vcfg, state.base_dir, task, ref_in, ref_out, ref_y,
                                                    device_errors, opts)
         entries.append(entry)
         if entry["latency_ms"] and (art.role == "baseline" or (art.role == "edgeprep" and not compressed)):
@@ -350,7 +363,7 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
     return report
 
 
-def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_x, ref_out, ref_y,
+def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_in: list, ref_out, ref_y,
                         errors: list[EdgeprepError], opts: RunOptions) -> list[dict[str, Any]]:
     """The artifact on each of the recipe's devices; a failure is recorded in its entry and kept in
     ``errors`` (the run fails after the report is written), so one bad device loses no other result."""
@@ -377,7 +390,7 @@ def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_x, ref_out, re
         opts.log(f"profile {art.name} on device {device.label}")
         p = vcfg.profile
         try:
-            results.append(device_entry(art, device, ref_inputs=[ref_x], ref_outputs=ref_out, labels=ref_y, task=task,
+            results.append(device_entry(art, device, ref_inputs=ref_in, ref_outputs=ref_out, labels=ref_y, task=task,
                                         warmup=p.warmup, iters=p.iters, threads=p.threads, batch=p.batch))
         except EdgeprepError as exc:
             errors.append(exc)
@@ -401,7 +414,7 @@ def _device_speedups(entries: list[dict[str, Any]], group: dict[str, str], compr
             d["speedup"] = r / d["latency_ms"]["p50"] if r and d.get("latency_ms") else None
 
 
-def _adopt_peer(peer, baseline_model, task, ref_x, ref_y):
+def _adopt_peer(peer, baseline_model, task, ref_x, ref_in, ref_y):
     """Write the manifest for a peer artifact an exporter derived (e.g. ORT PTQ)."""
     import dataclasses
 
@@ -411,7 +424,7 @@ def _adopt_peer(peer, baseline_model, task, ref_x, ref_y):
         raise TypeError("Exporter.derived must return Artifacts")
     ref_out = torch_outputs(baseline_model, torch.from_numpy(ref_x))
     peer = dataclasses.replace(peer, role="ptq")
-    write_manifest(peer, task=task, ref_inputs=[ref_x], ref_outputs=[ref_out], labels=ref_y,
+    write_manifest(peer, task=task, ref_inputs=ref_in, ref_outputs=[ref_out], labels=ref_y,
                    extra={"expect": expectations("ptq", None, None)})
     return load_artifact(peer.dir)
 

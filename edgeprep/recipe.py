@@ -39,6 +39,8 @@ class DataConfig(Strict):
     split_seed: int = 0
     image_size: Optional[list[int]] = None  # image folder: resize to [H, W]
     calibration_samples: int = Field(128, ge=1)
+    # text sources ("docstrings"): tokens per sentence (truncate / pad); None: 128
+    seq_len: Optional[int] = Field(None, ge=4, le=512)
 
     @model_validator(mode="after")
     def _fractions(self) -> "DataConfig":
@@ -65,6 +67,9 @@ class TrainConfig(Strict):
     grad_accum_steps: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
     checkpoint_every: int = Field(0, ge=0)  # 0: keep the last good weights in memory only
+    # embedding targets only: weight of the MSE between the batch's pairwise cosine matrices
+    # (student vs targets), which trains the neighbourhood structure retrieval depends on
+    relation_weight: float = Field(0.0, ge=0)
 
 
 class TrainOverrides(Strict):
@@ -77,6 +82,7 @@ class TrainOverrides(Strict):
     grad_accum_steps: Optional[int] = Field(None, ge=1)
     eval_every: Optional[int] = Field(None, ge=0)
     checkpoint_every: Optional[int] = Field(None, ge=0)
+    relation_weight: Optional[float] = Field(None, ge=0)
 
     def resolve(self, defaults: TrainConfig) -> TrainConfig:
         return defaults.model_copy(update=self.model_dump(exclude_none=True))
@@ -270,6 +276,7 @@ class ExportTargetConfig(Strict):
     # binarized models: binary weights 1 bit each on disk (unpacked at load) or INT2 (MatMulNBits)
     binary_storage: Literal["packed1", "int2"] = "packed1"
     dynamic_sequence: bool = False  # token models: dim 1 of the inputs (sequence) is symbolic too
+    residual_sum: bool = True  # onnx: residual Add -> LayerNorm as Sum (ORT's SkipLayerNorm fusion is slow)
     # executorch / litert options
     static_batch: int = Field(1, ge=1)  # edge programs run one fixed input shape
     # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer; litert: ai-edge-quantizer;

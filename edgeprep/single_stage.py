@@ -17,6 +17,7 @@ from edgeprep.errors import BadInputError
 from edgeprep.measure.metrics import metric_for, torch_outputs
 from edgeprep.pipeline import frozen_copy
 from edgeprep.recipe import DataConfig, ExportTargetConfig, TrainConfig
+from edgeprep.text_data import TEXT_SOURCES
 from edgeprep.types import Artifact
 
 REFERENCE_SAMPLES = 256
@@ -35,6 +36,13 @@ def _load(ckpt_dir: Path, trust_pickle: bool):
     except (TypeError, ValueError) as exc:
         raise BadInputError(f"{ckpt_dir}: the checkpoint's data config is invalid "
                             f"({' '.join(str(exc).split())[:200]}); re-create the checkpoint") from None
+    if data_cfg.source in TEXT_SOURCES:
+        # the targets are the ORIGINAL model's embeddings: rebuild it from the checkpoint's model
+        # config (no decisions replayed), never from the compressed weights
+        from edgeprep.models import load_model
+        from edgeprep.text_data import load_text_data
+
+        return ckpt, load_text_data(data_cfg, load_model(ckpt.model_cfg))
     return ckpt, load_data(data_cfg)
 
 

@@ -157,22 +157,50 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def is_embedding_target(y: torch.Tensor) -> bool:
+    """Float targets are embeddings to match (task "embedding"); integer ones are class labels."""
+    return y.is_floating_point()
+
+
+def embedding_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample 1 - cos(student, target): 0 when the directions agree (sentence embeddings are
+    compared by cosine, so their length carries nothing)."""
+    return 1.0 - F.cosine_similarity(student.float(), target.float(), dim=-1)
+
+
+def relation_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the batch's pairwise cosine matrices (off the diagonal): how far
+    the student's neighbourhood structure is from the targets', the thing top-k retrieval reads."""
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(target.float(), dim=-1)
+    n = s.shape[0]
+    if n < 2:
+        return student.new_zeros(())
+    diff = (s @ s.T - t @ t.T) ** 2
+    return (diff.sum() - diff.diagonal().sum()) / (n * (n - 1))
+
+
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, split: Any, batch_size: int = 256) -> float:
-    """Top-1 accuracy on ``split`` (x, y) in eval mode; restores the model's train/eval mode."""
+    """The task metric on ``split`` (x, y) in eval mode: top-1 accuracy for class labels, mean
+    cosine to the targets for embeddings. Restores the model's train/eval mode."""
     n = len(split.y)
     if n == 0:
         raise BadInputError("cannot measure accuracy on an empty split")
     was_training = model.training
     model.eval()
-    correct = 0
+    total = 0.0
     try:
         for start in range(0, n, batch_size):
             logits = logits_of(model(split.x[start:start + batch_size]))
-            correct += int((logits.argmax(-1) == split.y[start:start + batch_size]).sum())
+            y = split.y[start:start + batch_size]
+            if is_embedding_target(y):
+                total += float((1.0 - embedding_loss(logits, y)).sum())
+            else:
+                total += int((logits.argmax(-1) == y).sum())
     finally:
         model.train(was_training)
-    return correct / n
+    return total / n
 
 
 def save_state_safetensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -303,7 +331,8 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
                 for micro_step in range(cfg.grad_accum_steps):
                     global_idx = order.take(cfg.batch_size)
                     local_idx = global_idx[rank * cfg.batch_size // world:(rank + 1) * cfg.batch_size // world]
-                    x, y = split.x[local_idx].to(device), split.y[local_idx].to(device)
+                    x, y = split.x[local_idx], split.y[local_idx].to(device)
+                    x = (split.trim(x) if getattr(split, "trim", None) is not None else x).to(device)
                     # Gradients are all-reduced only on the last micro-batch of an optimizer step.
                     last_micro = micro_step == cfg.grad_accum_steps - 1
                     sync = contextlib.nullcontext() if not distributed or last_micro else net.no_sync()
@@ -314,7 +343,8 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
                             with torch.no_grad():
                                 teacher_out = logits_of(teacher(x))
                         state = StepState(step, cfg.steps, micro_step, lr, x, y, out, teacher_out, model, teacher)
-                        terms, weights = _loss_terms(state, distill, loss_hooks, cfg.batch_size, label_weight)
+                        terms, weights = _loss_terms(state, distill, loss_hooks, cfg.batch_size, label_weight,
+                                                     cfg.relation_weight)
                         loss = sum(weights[k] * v for k, v in terms.items())
                         values = torch.stack([v.detach() for v in terms.values()] + [loss.detach()])
                         if distributed:  # global means for logging; also makes the NaN check agree on all ranks
@@ -352,11 +382,12 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
 
 
 # Names the history uses for its own columns; a hook term may not take them.
-_RESERVED_TERMS = frozenset({"step", "loss", "lr", "grad_norm", "ce", "kd"})
+_RESERVED_TERMS = frozenset({"step", "loss", "lr", "grad_norm", "ce", "cos", "rel", "kd"})
 
 
 def _loss_terms(state: StepState, distill: Optional[DistillConfig], hooks: Sequence[LossHook],
-                global_batch: int, label_weight: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                global_batch: int, label_weight: float = 1.0,
+                relation_weight: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Named loss terms of one micro-batch and their weights in the loss.
 
     Each term is this rank's share of the global-batch mean (sum over the local slice / global
@@ -366,12 +397,21 @@ def _loss_terms(state: StepState, distill: Optional[DistillConfig], hooks: Seque
     terms: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
     alpha = distill.alpha if distill is not None else 0.0
+    embedding = is_embedding_target(state.y)
     # A term with weight 0 is left out: its NaN must not stop a run it cannot affect.
+    # Embedding targets: the "label" loss is 1 - cos to the target embedding (logged as "cos"),
+    # and KD matches the teacher's embedding by cosine too (a softmax over embedding dims means nothing).
     if alpha < 1.0 and label_weight > 0:
-        terms["ce"] = F.cross_entropy(state.student_logits, state.y, reduction="sum") / global_batch
-        weights["ce"] = (1.0 - alpha) * label_weight
+        label_sum = embedding_loss(state.student_logits, state.y).sum() if embedding else \
+            F.cross_entropy(state.student_logits, state.y, reduction="sum")
+        name = "cos" if embedding else "ce"
+        terms[name] = label_sum / global_batch
+        weights[name] = (1.0 - alpha) * label_weight
+    if embedding and relation_weight > 0:  # a local-batch term: each rank's share of the mean
+        terms["rel"], weights["rel"] = relation_loss(state.student_logits, state.y) * share, relation_weight
     if distill is not None and alpha > 0.0:
-        kd = kd_loss(state.student_logits, state.teacher_logits, distill.temperature)
+        kd = embedding_loss(state.student_logits, state.teacher_logits) if embedding else \
+            kd_loss(state.student_logits, state.teacher_logits, distill.temperature)
         terms["kd"], weights["kd"] = kd.sum() / global_batch, alpha
     for hook in hooks:
         for name, value in hook(state).items():

@@ -12,25 +12,33 @@ import numpy as np
 
 from edgeprep.errors import BadInputError
 from edgeprep.manifest import MANIFEST_NAME, load_artifact, load_reference
-from edgeprep.measure.metrics import metric_for
+from edgeprep.measure.metrics import extra_metrics, metric_for
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
 
 
-def run_batched(loaded, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """First output of the runtime over ``x`` in batches. A model with a fixed batch size (an .ort
-    written with mobile_fixed_batch, an ExecuTorch or LiteRT program) gets chunks of exactly that
-    size, the last one padded with copies of its last row (their outputs are dropped)."""
+def as_input_list(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One array per model input: a single array is a one-input model's rows."""
+    return [x] if isinstance(x, np.ndarray) else list(x)
+
+
+def run_batched(loaded, x: np.ndarray | Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """First output of the runtime over rows ``x`` (one array, or one per input with the same rows)
+    in batches. A model with a fixed batch size (an .ort written with mobile_fixed_batch, an
+    ExecuTorch or LiteRT program) gets chunks of exactly that size, the last one padded with
+    copies of its last row (their outputs are dropped)."""
+    xs = as_input_list(x)
+    n = len(xs[0])
     fixed = getattr(loaded, "fixed_batch", None)
     if fixed:
         outs = []
-        for i in range(0, len(x), fixed):
-            chunk = x[i:i + fixed]
-            pad = fixed - len(chunk)
+        for i in range(0, n, fixed):
+            chunks = [a[i:i + fixed] for a in xs]
+            pad = fixed - len(chunks[0])
             if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            outs.append(loaded.run([chunk])[0][:fixed - pad])
+                chunks = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunks]
+            outs.append(loaded.run(chunks)[0][:fixed - pad])
         return np.concatenate(outs, axis=0)
-    outs = [loaded.run([x[i:i + batch_size]])[0] for i in range(0, len(x), batch_size)]
+    outs = [loaded.run([a[i:i + batch_size] for a in xs])[0] for i in range(0, n, batch_size)]
     return np.concatenate(outs, axis=0)
 
 
@@ -46,8 +54,8 @@ def load_runtime(artifact: Artifact, threads: int = 1):
     return get_runtime(artifact.runtime).load(artifact, threads=threads)
 
 
-def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray, ref_outputs: np.ndarray,
-          eval_x: Optional[np.ndarray], eval_y: Optional[np.ndarray], warmup: int, iters: int,
+def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray | Sequence[np.ndarray], ref_outputs: np.ndarray,
+          eval_x: Optional[np.ndarray | Sequence[np.ndarray]], eval_y: Optional[np.ndarray], warmup: int, iters: int,
           threads: int, batch: int, save_graph_to: Optional[Path] = None) -> dict[str, Any]:
     """Measure ``artifact`` on its runtime; returns the report's per-artifact fields.
 
@@ -62,13 +70,19 @@ def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray, ref_outputs:
     loaded = load_runtime(artifact, threads=threads)
     outputs = run_batched(loaded, ref_inputs)
     entry: dict[str, Any] = {"parity": parity_of(ref_outputs, outputs)}
+    if task == "embedding":  # per-sentence agreement with the PyTorch model; top-1 of embedding dims means nothing
+        from edgeprep.measure.embedding import cosines
+
+        entry["parity"]["top1_agreement"] = None
+        entry["parity"]["min_cosine"] = float(cosines(ref_outputs, outputs).min())
     name, fn = metric_for(task)
     if eval_x is not None and eval_y is not None:
-        entry["metric"] = {"name": name, "value": fn(run_batched(loaded, eval_x), eval_y),
-                           "samples": int(len(eval_y))}
+        eval_out = run_batched(loaded, eval_x)
+        entry["metric"] = {"name": name, "value": fn(eval_out, eval_y), "samples": int(len(eval_y)),
+                           **extra_metrics(task, eval_out, eval_y)}
     else:
         entry["metric"] = None
-    profile_inputs = [_batch_of(ref_inputs, getattr(loaded, "fixed_batch", None) or batch)]
+    profile_inputs = [_batch_of(a, getattr(loaded, "fixed_batch", None) or batch) for a in as_input_list(ref_inputs)]
     stats: LatencyStats = loaded.profile(profile_inputs, warmup=warmup, iters=iters)
     entry["latency_ms"] = stats.to_report()
     entry["precision"] = loaded.precision_census(save_graph_to=save_graph_to)
@@ -85,8 +99,8 @@ def judge_artifact_dir(artifact_dir: Path, *, warmup: int, iters: int, threads: 
     """``edgeprep validate``: re-check an artifact directory alone against its stored reference."""
     artifact = load_artifact(artifact_dir, verify=True)
     ref = load_reference(artifact_dir)
-    entry = judge(artifact, task=ref.task, ref_inputs=ref.inputs[0], ref_outputs=ref.outputs[0],
-                  eval_x=ref.inputs[0] if ref.labels is not None else None, eval_y=ref.labels,
+    entry = judge(artifact, task=ref.task, ref_inputs=ref.inputs, ref_outputs=ref.outputs[0],
+                  eval_x=ref.inputs if ref.labels is not None else None, eval_y=ref.labels,
                   warmup=warmup, iters=iters, threads=threads, batch=batch)
     return artifact, entry
 

@@ -100,6 +100,8 @@ def test_minilm_onnx_dynamic_batch_and_sequence_matches_pytorch(minilm, minilm_o
     art = minilm_onnx
     assert [s.shape for s in art.inputs] == [("batch", "sequence")] * 2 and art.inputs[0].dtype == "int64"
     assert art.info["check_sqnr_db"] > 60  # the exporter's own check, incl. a sequence of 8 (half the example)
+    # post-LN residuals written as Sum: 2 per layer x 6 + the embeddings' sum before their LayerNorm
+    assert art.info["residual_sums"] == 13
     loaded = get_runtime("onnxruntime").load(art)
     for seq in (32, 128):  # neither is the export's 16: the sequence axis is really dynamic
         ids, mask = tokenize(tok, test, seq)

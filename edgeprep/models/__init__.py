@@ -59,6 +59,7 @@ class ModelHandle:
     input_shape: tuple[int, ...] | None  # per sample; None when neither the source nor the recipe says
     num_classes: int | None
     data: str | None  # the zoo model's default data source
+    tokenizer: Any = None  # a text model's tokenizer (the text data source tokenizes with it)
 
 
 def build_zoo_model(name: str, kwargs: dict[str, Any] | None = None) -> ModelHandle:

@@ -21,6 +21,9 @@ from torch import nn
 from edgeprep.errors import BadInputError, MissingDependencyError
 
 INPUT_NAMES = ("input_ids", "attention_mask")
+# Built-in Hugging Face models a recipe names by source: name -> its local directory.
+BUILTIN_DIRS = {"minilm-l6": lambda: minilm_dir()}
+DEFAULT_TEXT_DATA = "docstrings"  # edgeprep.text_data: the offline stdlib corpus
 
 
 def _transformers() -> Any:
@@ -58,6 +61,58 @@ class SentenceEncoder(nn.Module):
         return nn.functional.normalize(pooled, p=2.0, dim=-1)
 
 
+class PackedTokens(nn.Module):
+    """The token model as the pipeline, train loop and stages see it: ONE int64 tensor
+    [batch, 2, sequence] (input_ids and attention_mask stacked on axis 1).
+
+    Why: every stage, calibration and metric in edgeprep slices and batches a single input tensor;
+    stacking the two same-shaped token inputs keeps all of that unchanged. The artifact is NOT
+    packed: export unwraps to ``inner`` with the two named inputs (``export_view``), so a user's
+    runtime code feeds input_ids and attention_mask as usual.
+    """
+
+    input_names = INPUT_NAMES
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        return self.inner(*packed.unbind(1))
+
+
+def trim_padding(packed: torch.Tensor) -> torch.Tensor:
+    """``packed`` without the columns that are padding in every row.
+
+    The train loop applies it to each training batch (``Split.trim``): sentences are padded to the
+    data's seq_len (64 for a median of 14 tokens) and padding is masked out of attention and
+    pooling anyway, so this changes nothing but the time. Evaluation, calibration and MAC counts
+    keep the full seq_len, so costs are always counted at the same sequence length."""
+    longest = int(packed[:, 1].sum(dim=1).max()) if packed.shape[0] else packed.shape[2]
+    return packed[:, :, :max(longest, 1)]
+
+
+def pack(input_ids: np.ndarray | torch.Tensor, attention_mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """[batch, 2, sequence] int64 from the two token arrays."""
+    return torch.stack([torch.as_tensor(np.asarray(input_ids), dtype=torch.int64),
+                        torch.as_tensor(np.asarray(attention_mask), dtype=torch.int64)], dim=1)
+
+
+def export_view(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """What an exporter gets: a packed token model becomes its two-input inner module."""
+    if isinstance(model, PackedTokens):
+        (packed,) = example
+        return model.inner, tuple(t.contiguous() for t in packed.unbind(1))
+    return model, example
+
+
+def runtime_inputs(model: nn.Module, x: np.ndarray) -> list[np.ndarray]:
+    """The runtime's input arrays for rows ``x`` of the pipeline's data (unpacked for token models)."""
+    if isinstance(model, PackedTokens):
+        return [np.ascontiguousarray(x[:, i]) for i in range(x.shape[1])]
+    return [np.ascontiguousarray(x)]
+
+
 def load_sentence_encoder(path: str | Path) -> tuple[SentenceEncoder, Any]:
     """(SentenceEncoder in eval mode, its tokenizer) from a local transformers model directory."""
     path = Path(path)
@@ -71,6 +126,12 @@ def load_sentence_encoder(path: str | Path) -> tuple[SentenceEncoder, Any]:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise BadInputError(f"{path}: transformers cannot load it offline: {' '.join(str(exc).split())[:200]}") from None
+    # Dropout off: edgeprep trains a sentence encoder only to reproduce embeddings (its own, or a
+    # teacher's); with BERT's 0.1 dropout the unchanged model is already 0.04 off its own targets
+    # in training mode, noise as large as the fidelity being trained for.
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     return SentenceEncoder(model).eval(), tokenizer
 
 

@@ -37,7 +37,7 @@ _FACTORY_SEED = 0  # factories are built under a fixed seed too, so a recipe alw
 # ----------------------------------------------------------------------------- source resolution
 def source_path(source: str, base_dir: Path | None) -> Path | None:
     """The file ``source`` names (absolute), or None for a zoo name or a factory string."""
-    if source in ZOO:
+    if source in ZOO or source in _hf_builtins():
         return None
     path = Path(source).expanduser()
     if not path.is_absolute():
@@ -55,7 +55,32 @@ def absolute_model_config(cfg: ModelConfig, base_dir: Path | None) -> ModelConfi
     return cfg.model_copy(update={"source": str(path)})
 
 
+def _hf_builtins() -> tuple[str, ...]:
+    from edgeprep.models.hf import BUILTIN_DIRS  # no transformers import: just the names
+
+    return tuple(BUILTIN_DIRS)
+
+
+def _load_hf(cfg: ModelConfig, path: Path | None) -> ModelHandle:
+    """A Hugging Face encoder directory (or a built-in one) as a packed sentence-embedding model."""
+    from edgeprep.models.hf import BUILTIN_DIRS, DEFAULT_TEXT_DATA, PackedTokens, load_sentence_encoder
+
+    for key in ("factory", "input_shape"):
+        if getattr(cfg, key) is not None:
+            raise BadInputError(f"model.{key} does not apply to a Hugging Face model ({cfg.source}); remove it")
+    if cfg.kwargs:
+        raise BadInputError(f"model.kwargs {sorted(cfg.kwargs)} do not apply to a Hugging Face model "
+                            f"({cfg.source}); remove them")
+    directory = BUILTIN_DIRS[cfg.source]() if path is None else path
+    encoder, tokenizer = load_sentence_encoder(directory)
+    name = cfg.source if path is None else path.name
+    return ModelHandle(module=PackedTokens(encoder).eval(), name=name, input_shape=None, num_classes=None,
+                       data=DEFAULT_TEXT_DATA, tokenizer=tokenizer)
+
+
 def load_source(cfg: ModelConfig, base_dir: Path | None = None, trust_pickle: bool = False) -> ModelHandle:
+    if cfg.source in _hf_builtins():
+        return _load_hf(cfg, None)
     if cfg.source in ZOO:
         if cfg.factory is not None:
             raise BadInputError(f"model.factory is only used with a .safetensors or .pt weights file, not with "
@@ -70,6 +95,8 @@ def load_source(cfg: ModelConfig, base_dir: Path | None = None, trust_pickle: bo
                                 "already builds the model, remove model.factory")
         module = _build_factory(cfg.source, cfg.kwargs, base_dir, "model.source")
         return _handle(module, cfg.source, cfg)
+    if path.is_dir() and (path / "config.json").is_file():  # a transformers model directory
+        return _load_hf(cfg, path)
     if not path.is_file():
         what = "file not found" if not path.exists() else "not a file"
         raise BadInputError(f"model source {cfg.source!r}: {what} at {path}; give a zoo model "

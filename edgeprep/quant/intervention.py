@@ -29,6 +29,7 @@ from edgeprep.train import StepState, logits_of
 
 INTERVENTIONS = ("none", "m", "c", "o", "gradual")
 LOSS_TERMS = ("logits", "scores", "hidden", "attn_out")
+OUTPUT_LOSSES = ("soft_ce", "cosine")
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,14 @@ class TeacherInterventionModel(nn.Module):
     """The student as the train loop sees it. The teacher is held outside the module tree (it is
     not trained, not saved and not wrapped by DDP); both must have tapped attention layers."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, schedule: InterventionSchedule):
+    def __init__(self, student: nn.Module, teacher: nn.Module, schedule: InterventionSchedule,
+                 output_loss: str = "soft_ce"):
         super().__init__()
+        if output_loss not in OUTPUT_LOSSES:
+            raise BadInputError(f"output_loss {output_loss!r} is not one of {', '.join(OUTPUT_LOSSES)}")
+        # "soft_ce" on classifier logits (the paper); "cosine" on sentence embeddings, whose dims
+        # are not classes (a softmax over them would be a near-uniform, meaningless target)
+        self.output_loss = output_loss
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not a submodule
         self.schedule = schedule
@@ -121,7 +128,11 @@ class TeacherInterventionModel(nn.Module):
         w = {k: 1.0 for k in LOSS_TERMS} | dict(weights or {})
         s_rec, t_rec = self.student_taps.records, self.teacher_taps.records
         zero = student_logits.new_zeros(())
-        terms = {"logits": soft_cross_entropy(student_logits, self.teacher_logits)}
+        if self.output_loss == "cosine":
+            out_term = (1.0 - F.cosine_similarity(student_logits, self.teacher_logits, dim=-1)).mean()
+        else:
+            out_term = soft_cross_entropy(student_logits, self.teacher_logits)
+        terms = {"logits": out_term}
         terms["scores"] = sum((F.mse_loss(s_rec[k], t_rec[k]) for k in s_rec if k[1] == "scores"), zero)
         terms["attn_out"] = sum((F.mse_loss(s_rec[k], t_rec[k]) for k in s_rec if k[1] == "out"), zero)
         terms["hidden"] = sum((F.mse_loss(s, t) for s, t in zip(self._hidden["student"], self._hidden["teacher"])),

@@ -23,7 +23,7 @@ class FinetuneStage:
         cfg = self.config.train.resolve(ctx.train)
         distill = self.config.distill
         ctx.require_classification("finetune", "trains classifiers (cross-entropy on labels)",
-                                   "remove the finetune stage for this model")
+                                   "remove the finetune stage for this model", also=("embedding",))
         if distill is not None and ctx.teacher is None:
             raise BadInputError("stage finetune: `distill` is set but there is no teacher model; "
                                 "remove `distill` to train on the labels only")

@@ -17,14 +17,15 @@ from edgeprep.errors import BadInputError
 from edgeprep.measure.cost import count_macs, count_params
 from edgeprep.pruning.engine import PruneSettings, describe, prune_model
 from edgeprep.recipe import PruneConfig, TrainConfig
-from edgeprep.train import evaluate_accuracy, logits_of, train
+from edgeprep.train import embedding_loss, evaluate_accuracy, is_embedding_target, logits_of, train
 
 LAST_GOOD_NAME = "last_good.safetensors"
 DECAY_FRACTION = 0.2  # WSD: the last 20% of the stage's training steps decay the lr linearly to 0
 
 
 class ClassificationCalibration:
-    """Seeded random batches of the training split; the loss is cross-entropy on the labels."""
+    """Seeded random batches of the training split; the loss is cross-entropy on the labels
+    (1 - cosine to the target embeddings for an embedding task)."""
 
     def __init__(self, split: Any, batch_size: int, seed: int):
         self.split, self.batch_size, self.seed = split, batch_size, seed
@@ -42,7 +43,8 @@ class ClassificationCalibration:
         return model(batch[0])
 
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(logits_of(model(batch[0])), batch[1])
+        out, y = logits_of(model(batch[0])), batch[1]
+        return embedding_loss(out, y).mean() if is_embedding_target(y) else F.cross_entropy(out, y)
 
 
 def settings_from(config: PruneConfig, seed: int) -> PruneSettings:
@@ -73,7 +75,8 @@ class PruneStage:
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         cfg = self.config
         ctx.require_classification("prune", "scores and trains with classification labels",
-                                   "use the Python API (edgeprep.pruning.engine) with your own loss")
+                                   "use the Python API (edgeprep.pruning.engine) with your own loss",
+                                   also=("embedding",))
         if cfg.distill is not None and ctx.teacher is None:
             raise BadInputError("stage prune: `distill` is set but there is no teacher model; set distill: null")
         settings = settings_from(cfg, ctx.seed)

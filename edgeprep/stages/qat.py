@@ -78,7 +78,8 @@ def distil_with_intervention(model: torch.nn.Module, teacher: torch.nn.Module, c
     The qat and binarize stages share it."""
     val = ctx.data.val
     schedule = InterventionSchedule(intervention, s)
-    wrapper = TeacherInterventionModel(model, teacher, schedule)
+    output_loss = "cosine" if ctx.data.task == "embedding" else "soft_ce"
+    wrapper = TeacherInterventionModel(model, teacher, schedule, output_loss=output_loss)
     eval_fn = (lambda m: {"val_accuracy": evaluate_accuracy(m, val)}) if len(val.y) and train_cfg.eval_every \
         else None
     try:
@@ -104,7 +105,8 @@ class QatStage:
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         cfg = self.config
         ctx.require_classification("qat", "distils classification logits",
-                                   "use the Python API (edgeprep.quant.intervention) with your own loss")
+                                   "use the Python API (edgeprep.quant.intervention) with your own loss",
+                                   also=("embedding",))
         if any(d.get("kind") == "reparam" and d.get("sla") for d in ctx.decisions):
             raise BadInputError("stage qat: the model has Simplified Linear Attention (reparam attention: sla); "
                                 "qat taps softmax attention and does not support it yet; reparam with attention: keep")
