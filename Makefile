@@ -32,6 +32,7 @@ bench: venv
 	$(BIN)/python benchmarks/reparam_executorch.py
 	$(BIN)/python benchmarks/targets_table.py  # ~6 min: vit-bench on every target, fp32 and int8
 	$(BIN)/python benchmarks/remote_profile.py # ~8 min: here vs a loopback sshd "device" (needs openssh-server)
+	$(BIN)/python benchmarks/minilm_edge.py    # ~20 min: recipes/minilm-edge.yaml + its artifact vs the ORT peers
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

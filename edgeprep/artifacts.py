@@ -40,9 +40,8 @@ def export_artifact(exporter: Any, model: torch.nn.Module, example: tuple[torch.
     A model with PRepBN norms is exported folded (no LayerNorm / BatchNorm left); the reference
     outputs come from the unfolded model, so parity also checks the fold.
     """
-    from edgeprep.reparam.fold import export_form
-
     from edgeprep.models.hf import export_view, runtime_inputs
+    from edgeprep.reparam.fold import export_form
 
     ref_out = torch_outputs(model, torch.from_numpy(ref_x))
     export_model = export_form(model, example)  # refuses (exit 2) while a PRepBN still mixes in LayerNorm
@@ -51,6 +50,6 @@ def export_artifact(exporter: Any, model: torch.nn.Module, example: tuple[torch.
     with atomic_dir(Path(out_dir)) as tmp:
         art = exporter.export(export_model, export_example, tmp, cfg)
         art = dataclasses.replace(art, name=name, role=role, info={**dict(art.info), "optimize": cfg.optimize})
-        write_manifest(art, task=task, ref_inputs=runtime_inputs(model, ref_x), ref_outputs=[ref_out], labels=labels,
-                       extra={"expect": expect})
+        write_manifest(art, task=task, ref_inputs=runtime_inputs(model, ref_x), ref_outputs=[ref_out],
+                       labels=labels, extra={"expect": expect})
     return load_artifact(Path(out_dir))

@@ -260,7 +260,8 @@ def _stage_entry(kind, seconds, model, state: _Inputs, report: StageReport, metr
     from edgeprep.measure.cost import count_macs, count_params
 
     outputs, labels = torch_outputs(model, state.eval_x), state.eval_y.numpy()
-    metric = {"name": metric_name, "value": metric_fn(outputs, labels), **extra_metrics(state.data.task, outputs, labels)}
+    metric = {"name": metric_name, "value": metric_fn(outputs, labels),
+              **extra_metrics(state.data.task, outputs, labels)}
     return {"kind": kind, "seconds": round(seconds, 3), "params": count_params(model),
             "macs": count_macs(model, (state.example_inputs[0][:1],)),
             "metric": metric, "notes": list(report.notes),

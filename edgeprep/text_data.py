@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import torch
 
 from edgeprep.data import DataBundle, Split, _round_half_up
@@ -71,8 +70,3 @@ def _targets(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     out = [model(x[i:i + TARGET_BATCH]).float() for i in range(0, len(x), TARGET_BATCH)]
     return torch.cat(out).contiguous()
-
-
-def token_count(x: np.ndarray) -> int:
-    """Real (unpadded) tokens in packed rows."""
-    return int(np.asarray(x)[:, 1].sum())
