@@ -37,7 +37,7 @@ from edgeprep.fsutil import write_text_atomic
 from edgeprep.measure.embedding import cosines
 from edgeprep.models.hf import load_sentence_encoder, minilm_dir, pack, tokenize
 from edgeprep.text_corpus import corpus_digest, split
-from minilm_peers import build_peers, feed_for, measure_all  # sibling scripts: benchmarks/ is on sys.path
+from minilm_peers import build_peers, feed_for, measure_all, table_lines  # sibling scripts: benchmarks/ is on sys.path
 from ptq_table import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,17 +131,7 @@ def render(report, recipe_seconds, peers, quality, sizes, latency, parity, args,
         f"Quality: {args.sentences} held-out sentences (corpus digest {corpus_digest()[:12]}) at sequence 128 vs "
         f"the PyTorch fp32 model. Latency: batch 1, p50 ms, median of {args.rounds} interleaved rounds of "
         f"{args.iters} calls.", "",
-        "| model | bytes | mean cosine | min cosine | top-10 overlap | "
-        + " | ".join(f"p50 seq {s} / {t} thr" for s, t in COLS) + " | "
-        + " | ".join(f"vs fp32 seq {s} / {t}" for s, t in COLS) + " |",
-        "|---|---|---|---|---|" + "---|" * (2 * len(COLS)),
-    ]
-    for name in peers:
-        q = quality[name]
-        row = [p50[(name, s, t)] for s, t in COLS]
-        lines.append(f"| {name} | {sizes[name]:,} | {q['mean_cosine']:.5f} | {q['min_cosine']:.5f} | "
-                     f"{q['topk_overlap']:.3f} | " + " | ".join(f"{v:.3f}" for v in row) + " | "
-                     + " | ".join(f"{p50[(fp32, s, t)] / v:.2f}x" for (s, t), v in zip(COLS, row)) + " |")
+    ] + table_lines(peers, quality, sizes, p50, COLS)
     q = quality[EDGEPREP]
     lines += ["", "Targets (issue 8) for edgeprep's artifact:", "",
               "| check | " + " | ".join(f"seq {s} / {t} thr" for s, t in COLS) + " |",

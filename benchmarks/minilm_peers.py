@@ -141,6 +141,22 @@ def measure_all(peers: dict[str, tuple[Path, str, bool]], model, tok, sentences:
     return quality, sizes, latency
 
 
+def table_lines(peers, quality, sizes, p50: dict, cols: list[tuple[int, int]]) -> list[str]:
+    """The markdown table: quality, bytes, p50 per (sequence, threads) and speedup over optimum fp32."""
+    lines = ["| model | bytes | mean cosine | min cosine | top-10 overlap | "
+             + " | ".join(f"p50 seq {s} / {t} thr" for s, t in cols) + " | "
+             + " | ".join(f"speedup seq {s} / {t} thr" for s, t in cols) + " |",
+             "|---|---|---|---|---|" + "---|" * (2 * len(cols))]
+    for name in peers:
+        q = quality[name]
+        row = [p50[(name, s, t)] for s, t in cols]
+        ref = [p50[("optimum fp32", s, t)] for s, t in cols]
+        lines.append(f"| {name} | {sizes[name]:,} | {q['mean_cosine']:.5f} | {q['min_cosine']:.5f} | "
+                     f"{q['topk_overlap']:.3f} | " + " | ".join(f"{v:.3f}" for v in row) + " | "
+                     + " | ".join(f"{r / v:.2f}x" for r, v in zip(ref, row)) + " |")
+    return lines
+
+
 def render(peers, quality, sizes, latency, args, seconds: float) -> str:
     import onnxruntime
 
@@ -158,18 +174,7 @@ def render(peers, quality, sizes, latency, args, seconds: float) -> str:
         f"{args.rounds} interleaved rounds of {args.iters} calls; speedup = optimum fp32 p50 / p50 at the same "
         "sequence and threads.",
         "",
-        "| model | bytes | mean cosine | min cosine | top-10 overlap | "
-        + " | ".join(f"p50 seq {s} / {t} thr" for s, t in cols) + " | "
-        + " | ".join(f"speedup seq {s} / {t} thr" for s, t in cols) + " |",
-        "|---|---|---|---|---|" + "---|" * (2 * len(cols)),
-    ]
-    for name in peers:
-        q = quality[name]
-        p50 = [base[(name, s, t)] for s, t in cols]
-        ref = [base[("optimum fp32", s, t)] for s, t in cols]
-        lines.append(f"| {name} | {sizes[name]:,} | {q['mean_cosine']:.5f} | {q['min_cosine']:.5f} | "
-                     f"{q['topk_overlap']:.3f} | " + " | ".join(f"{v:.3f}" for v in p50) + " | "
-                     + " | ".join(f"{r / v:.2f}x" for r, v in zip(ref, p50)) + " |")
+    ] + table_lines(peers, quality, sizes, base, cols)
     lines += ["", "Issue 8's targets for edgeprep's artifact: >= 3x the optimum fp32 speed and >= 1.5x the dynamic-int8 "
               "peer's, at mean cosine >= 0.98 and top-10 overlap >= 0.9."]
     return "\n".join(lines) + "\n"
