@@ -63,7 +63,7 @@ def handle():
 
 
 def test_packed_model_equals_the_two_input_encoder_and_exports_unpacked(handle):
-    from edgeprep.models.hf import PackedTokens, export_view, pack, runtime_inputs, tokenize
+    from edgeprep.models.hf import PackedTokens, export_view, pack, runtime_inputs, tokenize, trim_padding
 
     model = handle.module
     assert isinstance(model, PackedTokens) and handle.data == "docstrings"
@@ -78,6 +78,13 @@ def test_packed_model_equals_the_two_input_encoder_and_exports_unpacked(handle):
     assert inner is model.inner and [tuple(t.shape) for t in example] == [(2, 16), (2, 16)]
     feeds = runtime_inputs(model, packed.numpy())
     assert np.array_equal(feeds[0], ids) and np.array_equal(feeds[1], mask)
+    # training batches lose the columns nobody attends to, and only those (right or left padding)
+    trimmed = trim_padding(packed)
+    assert trimmed.shape == (2, 2, int(mask.sum(1).max())) and torch.equal(trimmed, packed[:, :, :trimmed.shape[2]])
+    with torch.no_grad():
+        assert torch.allclose(model(trimmed), a, atol=1e-6)
+    left = torch.flip(packed, dims=[2])  # padding first
+    assert torch.equal(trim_padding(left), left)
 
 
 def test_text_data_splits_are_disjoint_and_targets_are_the_models_embeddings(handle):

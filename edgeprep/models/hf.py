@@ -88,8 +88,11 @@ def trim_padding(packed: torch.Tensor) -> torch.Tensor:
     data's seq_len (64 for a median of 14 tokens) and padding is masked out of attention and
     pooling anyway, so this changes nothing but the time. Evaluation, calibration and MAC counts
     keep the full seq_len, so costs are always counted at the same sequence length."""
-    longest = int(packed[:, 1].sum(dim=1).max()) if packed.shape[0] else packed.shape[2]
-    return packed[:, :, :max(longest, 1)]
+    # the last column any row attends to (not the longest row's length: a left-padding tokenizer
+    # puts the padding first, and then nothing may be cut)
+    real = packed[:, 1].any(dim=0).nonzero()
+    end = int(real.max()) + 1 if real.numel() else 1
+    return packed[:, :, :end]
 
 
 def pack(input_ids: np.ndarray | torch.Tensor, attention_mask: np.ndarray | torch.Tensor) -> torch.Tensor:
