@@ -96,7 +96,13 @@ def fmt_sqnr(parity: Any) -> str:
 
 
 def fmt_metric(metric: Any) -> str:
-    return fmt(metric.get("value")) if isinstance(metric, Mapping) else MISSING
+    """The metric's value, then any extra metrics reported beside it (embedding: top-10 overlap)."""
+    if not isinstance(metric, Mapping):
+        return MISSING
+    from edgeprep.measure.metrics import EXTRA_METRICS
+
+    extras = sorted({k for names in EXTRA_METRICS.values() for k in names} & set(metric))
+    return fmt(metric.get("value")) + "".join(f" ({k} {fmt(metric[k])})" for k in extras)
 
 
 def _get(d: Any, *keys: str) -> Any:

@@ -147,6 +147,7 @@ def test_short_minilm_recipe_runs_end_to_end_on_onnx_runtime(handle, tmp_path):
     assert 0.0 < final["metric"]["value"] < 1.0 and 0.0 <= final["metric"]["top10_overlap"] <= 1.0
     assert final["precision"]["low_precision_op_fraction"] >= 0.9, final["precision"]
     assert final["bytes"] < base["bytes"]
+    assert "top10_overlap" in (tmp_path / "run" / "report.md").read_text()
     proc = run_cli("validate", str(tmp_path / "run" / "artifacts" / "onnx"), "--iters", "5", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     checked = json.loads(proc.stdout)  # the artifact alone, against its stored two-input reference
