@@ -37,7 +37,7 @@ from edgeprep.fsutil import write_text_atomic
 from edgeprep.measure.embedding import cosines
 from edgeprep.models.hf import load_sentence_encoder, minilm_dir, pack, tokenize
 from edgeprep.text_corpus import corpus_digest, split
-from minilm_peers import build_peers, feed_for, measure_all, table_lines  # sibling scripts: benchmarks/ is on sys.path
+from minilm_peers import add_measure_args, build_peers, feed_for, measure_all, table_lines  # sibling scripts: benchmarks/ is on sys.path
 from ptq_table import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,10 +80,7 @@ def runtime_vs_pytorch(run_dir: Path, onnx_path: Path, tok, sentences: int) -> d
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=None, help="a finished run of the recipe (skips step 1)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=100)
-    ap.add_argument("--sentences", type=int, default=300)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_measure_args(ap, RESULTS)
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgeprep-minilm-edge-") as tmp:

@@ -94,10 +94,7 @@ def feed_for(session, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=100)
-    ap.add_argument("--sentences", type=int, default=300)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    add_measure_args(ap, RESULTS)
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     torch.set_num_threads(2)
@@ -109,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     write_text_atomic(args.out, text)
     return 0
+
+
+def add_measure_args(ap: argparse.ArgumentParser, results: Path) -> None:
+    """The options of ``measure_all`` (and where the markdown goes), shared with minilm_edge.py."""
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    ap.add_argument("--iters", type=int, default=100, help="timed calls per round")
+    ap.add_argument("--sentences", type=int, default=300, help="held-out sentences for quality")
+    ap.add_argument("--out", type=Path, default=results, help="markdown results file")
 
 
 def measure_all(peers: dict[str, tuple[Path, str, bool]], model, tok, sentences: int, rounds: int, iters: int):
