@@ -11,7 +11,7 @@ peers a user has today (benchmarks/minilm_peers.py), all measured in this one pr
 4. The ORT artifact against the PyTorch compressed model (the run's last checkpoint), per
    sentence, at sequence 32 and 128 (the issue: cosine >= 0.999 for every sentence).
 
-    .venv/bin/python benchmarks/minilm_edge.py [--run DIR] [--rounds 5] [--iters 100]
+    .venv/bin/python benchmarks/minilm_edge.py [--run DIR | --keep-run DIR] [--rounds 5] [--iters 100]
 """
 from __future__ import annotations
 
@@ -80,11 +80,12 @@ def runtime_vs_pytorch(run_dir: Path, onnx_path: Path, tok, sentences: int) -> d
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=None, help="a finished run of the recipe (skips step 1)")
+    ap.add_argument("--keep-run", type=Path, default=None, help="run the recipe into this directory and keep it")
     add_measure_args(ap, RESULTS)
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgeprep-minilm-edge-") as tmp:
-        run_dir = args.run or Path(tmp) / "run"
+        run_dir = args.run or args.keep_run or Path(tmp) / "run"
         recipe_seconds = None if args.run else run_recipe(run_dir)
         report = json.loads((run_dir / "report.json").read_text())
         art = next(a for a in report["artifacts"] if a["role"] == "edgeprep" and a["target"] == "onnx")

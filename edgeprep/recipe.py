@@ -169,11 +169,16 @@ class QatConfig(TrainingStageConfig):
     intervention_steps: Optional[int] = Field(None, ge=0)
     loss_weights: QatLossWeights = Field(default_factory=QatLossWeights)
     label_loss: float = Field(0.0, ge=0)  # weight of ground-truth cross-entropy; 0: none (the paper)
+    # SmoothQuant migration strength alpha in (0, 1] for int8 Linear inputs (edgeprep.quant.smooth);
+    # null: none. For post-LN BERT encoders with outlier channels; 0.85 on all-MiniLM-L6-v2.
+    smoothing: Optional[float] = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _intervention(self) -> "QatConfig":
         if self.intervention_steps and self.intervention == "none":
             raise ValueError("intervention_steps is set but intervention is none; set intervention: gradual|m|c|o")
+        if self.smoothing is not None and self.activations != "int8":
+            raise ValueError("smoothing applies to int8 activations; set activations: int8 or smoothing: null")
         return self
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -112,7 +113,8 @@ train: {steps: 2, batch_size: 16, lr: 0.0001, warmup_steps: 1}
 stages:
   - {kind: prune, pruning_ratio: 0.3, budget: macs, ratio_per_stage: 0.3, steps_per_stage: 2, distill: null,
      calibration_batch: 16}
-  - {kind: qat, weights: int8, activations: int8, intervention: gradual, steps: 2, label_loss: 1.0}
+  - {kind: qat, weights: int8, activations: int8, intervention: gradual, steps: 2, label_loss: 1.0,
+     smoothing: 0.85}
 export:
   - {target: onnx, optimize: extended, dynamic_sequence: true}
 validate:
@@ -138,6 +140,14 @@ def test_short_minilm_recipe_runs_end_to_end_on_onnx_runtime(handle, tmp_path):
     final, base = arts["edgeprep"], arts["baseline"]
     manifest = json.loads((tmp_path / "run" / "artifacts" / "onnx" / "manifest.json").read_text())
     assert [(i["name"], i["dtype"]) for i in manifest["inputs"]] == [("input_ids", "int64"), ("attention_mask", "int64")]
+    # SmoothQuant: every int8 Linear input is multiplied by 1 / s right before its QuantizeLinear
+    ckpt = json.loads((tmp_path / "run" / "stages" / "1-qat" / "checkpoint" / "checkpoint.json").read_text())
+    qat = next(d for d in ckpt["decisions"] if d["kind"] == "qat")
+    assert qat["smoothing"]["alpha"] == 0.85 and len(qat["smoothing"]["linears"]) == 6 * 6  # q k v o fc1 fc2
+    graph = onnx.load(str(tmp_path / "run" / "artifacts" / "onnx" / "model.onnx")).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    fed_by = [producer.get(n.input[0]) for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert fed_by.count("Mul") == 6 * 6, fed_by
     # the ORT artifact against the PyTorch compressed model, sentence by sentence. Issue 8 asks for
     # cosine >= 0.999 and that is NOT met: static int8 on BERT's LayerNorm outputs (outlier channels,
     # coarse per-tensor steps) turns float rounding differences into 0.5-1% errors on some

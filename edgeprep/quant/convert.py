@@ -24,6 +24,7 @@ from edgeprep.pruning.bert import is_bert_layer
 from edgeprep.pruning.groups import matches
 from edgeprep.quant.attention import QatBertSelfAttention, QatViTAttention, Taps, _TappedAttention, bert_out_tap
 from edgeprep.quant.linear import ACTIVATION_MODES, WEIGHT_MODES, QuantLinear
+from edgeprep.quant.smooth import replay_smoothing
 
 QAT_KIND = "qat"
 
@@ -121,6 +122,8 @@ def replay_qat(model: nn.Module, decision: dict) -> nn.Module:
     """DECISION_REPLAYERS entry: the same swaps, before the checkpoint's weights load."""
     quantize_model(model, decision["weights"], decision["activations"],
                    linears=decision["linears"], attentions=decision["attentions"])
+    if decision.get("smoothing"):
+        replay_smoothing(model, decision["smoothing"]["linears"])
     return model
 
 

@@ -10,6 +10,8 @@ Two forward paths compute the same numbers:
   initializer -> DequantizeLinear(axis=1) -> MatMul -> Add(bias). That is the pattern ONNX Runtime
   fuses into integer kernels (MatMulIntegerToFloat / QLinearMatMul), and int4 / ternary weights
   are turned into n-bit types for MatMulNBits by ``edgeprep.quant.nbits`` after export.
+With SmoothQuant smoothing (``set_smoothing``, ``edgeprep.quant.smooth``) the input is first
+multiplied by ``input_mul`` = 1 / s per channel (one Mul in ONNX) and ``weight`` holds W diag(s).
 """
 from __future__ import annotations
 
@@ -50,6 +52,21 @@ class QuantLinear(nn.Linear):
         self.weight_mode = weights
         self.act: Optional[LsqQuantizer] = LsqQuantizer(8) if activations == "int8" else None
         self.exporting = False
+        self.register_buffer("input_mul", None)  # [in] = 1 / s once smoothed; None: no smoothing
+
+    @torch.no_grad()
+    def set_smoothing(self, s: torch.Tensor) -> None:
+        """Migrate per-input-channel factors ``s`` [in] into the weight: W <- W diag(s), x <- x / s.
+        Call before the input quantizer is calibrated (its range is that of x / s)."""
+        if self.input_mul is not None:
+            raise BadInputError("QuantLinear is already smoothed; smooth a model once")
+        if self.act is None:
+            raise BadInputError("smoothing applies to Linears with int8 inputs (activations: int8)")
+        if s.shape != (self.in_features,) or not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise BadInputError(f"smoothing factors must be {self.in_features} finite positive values")
+        s = s.to(self.weight.dtype)
+        self.weight.mul_(s)
+        self.register_buffer("input_mul", (1.0 / s).to(self.weight.device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, weights: str, activations: str) -> "QuantLinear":
@@ -124,6 +141,8 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exporting:
             return self._export_forward(x)
+        if self.input_mul is not None:
+            x = x * self.input_mul
         if self.act is not None:
             x = self.act(x)
         return F.linear(x, self.quantized_weight(), self.quantized_bias())
@@ -141,7 +160,10 @@ class QuantLinear(nn.Linear):
         # int8 activations: a 2-D Gemm with an int32 bias, which ORT fuses into QGemm (the bias lands
         # on the int32 accumulator; one kernel instead of MatMulIntegerToFloat + Add).
         lead = x.shape[:-1]
-        x2 = self.act(x.reshape(-1, x.shape[-1]))
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.input_mul is not None:
+            x2 = x2 * self.input_mul  # smoothing: one Mul right before QuantizeLinear
+        x2 = self.act(x2)
         if self.bias is None:
             y = torch.mm(x2, w)
         else:

@@ -22,6 +22,7 @@ from edgeprep.context import Context
 from edgeprep.errors import BadInputError
 from edgeprep.quant.convert import QAT_KIND, quantize_model, tap_model
 from edgeprep.quant.fake import LsqQuantizer
+from edgeprep.quant.smooth import smooth_model
 from edgeprep.quant.intervention import InterventionSchedule, TeacherInterventionModel, ti_loss_hook
 from edgeprep.recipe import QatConfig, TrainConfig
 from edgeprep.reparam.fold import fold_reparam, has_reparam
@@ -127,6 +128,8 @@ class QatStage:
             ctx.decisions.append(fold_reparam(model, check_inputs=(ctx.data.calib[:CALIB_BATCH],)))
         decision = quantize_model(model, cfg.weights, cfg.activations, targets=cfg.targets, ignore=cfg.ignore)
         ctx.decisions.append(decision)
+        if cfg.smoothing is not None:  # before calibration: the quantizers' ranges are those of x / s
+            decision["smoothing"] = smooth_model(model, ctx.data.calib, cfg.smoothing)
         calibrated = calibrate(model, ctx.data.calib)
         calib_val = evaluate_accuracy(model, val) if len(val.y) else None
 
@@ -138,6 +141,7 @@ class QatStage:
         ctx.report.metrics["qat"] = {
             "weights": cfg.weights, "activations": cfg.activations, "intervention": cfg.intervention,
             "intervention_steps": s, "steps": train_cfg.steps, "label_loss": cfg.label_loss,
+            "smoothing": cfg.smoothing,
             "loss_weights": cfg.loss_weights.model_dump(),
             "quantized_linears": len(decision["linears"]), "attention_layers": len(decision["attentions"]),
             "activation_quantizers": calibrated,
