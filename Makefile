@@ -18,7 +18,7 @@ demo: venv
 	$(BIN)/edgeprep run recipes/quickstart.yaml --force
 
 test: venv
-	$(BIN)/python -m pytest tests --durations=15
+	$(BIN)/python -m pytest tests --durations=25
 
 bench: venv
 	$(BIN)/python benchmarks/quickstart.py

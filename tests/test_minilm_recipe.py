@@ -143,16 +143,15 @@ def test_short_minilm_recipe_runs_end_to_end_on_onnx_runtime(handle, tmp_path):
     # SmoothQuant: every int8 Linear input is multiplied by 1 / s right before its QuantizeLinear
     ckpt = json.loads((tmp_path / "run" / "stages" / "1-qat" / "checkpoint" / "checkpoint.json").read_text())
     qat = next(d for d in ckpt["decisions"] if d["kind"] == "qat")
-    assert qat["smoothing"]["alpha"] == 0.85 and len(qat["smoothing"]["linears"]) == 6 * 6  # q k v o fc1 fc2
+    assert qat["smoothing"]["alpha"] == 0.85 and qat["smoothing"]["linears"] == qat["linears"]
     graph = onnx.load(str(tmp_path / "run" / "artifacts" / "onnx" / "model.onnx")).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
     fed_by = [producer.get(n.input[0]) for n in graph.node if n.op_type == "QuantizeLinear"]
-    assert fed_by.count("Mul") == 6 * 6, fed_by
-    # the ORT artifact against the PyTorch compressed model, sentence by sentence. Issue 8 asks for
-    # cosine >= 0.999 and that is NOT met: static int8 on BERT's LayerNorm outputs (outlier channels,
-    # coarse per-tensor steps) turns float rounding differences into 0.5-1% errors on some
-    # sentences (measured min 0.990-0.994, median 1.0; BENCHMARKS.md). This bounds what holds.
-    assert final["parity"]["min_cosine"] >= 0.98 and final["parity"]["sqnr_db"] >= 25, final["parity"]
+    assert fed_by.count("Mul") == 6 * 6, fed_by  # q k v o fc1 fc2 per layer (BERT's unused pooler is dropped)
+    # the ORT artifact against the PyTorch compressed model, sentence by sentence. The full recipe
+    # meets issue 8's cosine >= 0.999 (min 0.99923, BENCHMARKS.md); this 2-step model is rougher
+    # (measured min 0.9986, SQNR 33 dB). Without smoothing it was min 0.990-0.994, ~26 dB.
+    assert final["parity"]["min_cosine"] >= 0.995 and final["parity"]["sqnr_db"] >= 30, final["parity"]
     assert base["parity"]["min_cosine"] >= 0.99999 and base["metric"]["value"] >= 0.99999
     assert 0.0 < final["metric"]["value"] < 1.0 and 0.0 <= final["metric"]["top10_overlap"] <= 1.0
     assert final["precision"]["low_precision_op_fraction"] >= 0.9, final["precision"]
@@ -161,7 +160,7 @@ def test_short_minilm_recipe_runs_end_to_end_on_onnx_runtime(handle, tmp_path):
     proc = run_cli("validate", str(tmp_path / "run" / "artifacts" / "onnx"), "--iters", "5", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     checked = json.loads(proc.stdout)  # the artifact alone, against its stored two-input reference
-    assert checked["metric"]["name"] == "mean_cosine" and checked["parity"]["min_cosine"] >= 0.98
+    assert checked["metric"]["name"] == "mean_cosine" and checked["parity"]["min_cosine"] >= 0.995
     # chained by hand: the QAT checkpoint exported alone gives the same two dynamic inputs and parity
     proc = run_cli("export", str(tmp_path / "run" / "stages" / "1-qat"), "-t", "onnx", "-o", str(tmp_path / "again"),
                    "--dynamic-sequence")
