@@ -299,24 +299,30 @@ def test_sla_cost_is_linear_in_tokens():
 
 
 # ----------------------------------------------------------------------------- BERT (post-LN)
-def test_bert_prepbn_folds_to_affines_and_padding_does_not_move_bn_statistics():
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_bert_prepbn_folds_to_affines_and_padding_does_not_move_bn_statistics(wrapped):
+    """``wrapped``: the BertModel inside edgeprep's sentence-encoder wrapper (one packed input), as
+    the recipe sees all-MiniLM-L6-v2: the padding mask must still reach the BatchNorms."""
     transformers = pytest.importorskip("transformers")
+    from edgeprep.models.hf import PackedTokens, SentenceEncoder, pack
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=48, max_position_embeddings=16,
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     model = transformers.BertModel(cfg)
-    decision = reparam_model(model, "prepbn", "keep", warmup_steps=0, decay_steps=0)
+    top = PackedTokens(SentenceEncoder(model)) if wrapped else model
+    decision = reparam_model(top, "prepbn", "keep", warmup_steps=0, decay_steps=0)
     assert len(decision["norms"]) == 5 and all(v == [] for v in decision["norms"].values())  # all feed residuals
     ids = torch.randint(1, 50, (3, 10))
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[1, 6:] = 0
     mask[2, 4:] = 0
-    other_pad = copy.deepcopy(model)
-    model.train()(input_ids=ids, attention_mask=mask)
+    other_top = copy.deepcopy(top)
+    other_pad = next(m for m in other_top.modules() if isinstance(m, transformers.BertModel))
     other = ids.clone()
     other[mask == 0] = 7  # different padding tokens, same real tokens
-    other_pad.train()(input_ids=other, attention_mask=mask)
+    for net, tokens in ((top, ids), (other_top, other)):
+        net.train()(pack(tokens, mask)) if wrapped else net.train()(input_ids=tokens, attention_mask=mask)
     bns = [(n, m) for n, m in model.named_modules() if isinstance(m, MaskedBatchNorm)]
     bns2 = [m for m in other_pad.modules() if isinstance(m, MaskedBatchNorm)]
     assert len(bns) == 5
@@ -324,10 +330,14 @@ def test_bert_prepbn_folds_to_affines_and_padding_does_not_move_bn_statistics():
         torch.testing.assert_close(m.running_mean, m2.running_mean, msg=n)
         torch.testing.assert_close(m.running_var, m2.running_var, msg=n)
     _randomize_bn(model)
-    model.eval()
-    ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    fold = fold_reparam(model)
+    top.eval()
+
+    def run() -> torch.Tensor:
+        return top(pack(ids, mask)) if wrapped else top(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    ref = run()
+    fold = fold_reparam(top)
     assert set(fold["affine"]) == set(decision["norms"]) and not fold["folded"]
-    err = float((model(input_ids=ids, attention_mask=mask).last_hidden_state - ref).detach().abs().max())
+    err = float((run() - ref).detach().abs().max())
     assert err <= 1e-6 * float(ref.abs().max())  # relative: random BN statistics make activations ~100
     assert not any(isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)) for m in model.modules())

@@ -118,11 +118,13 @@ def replay_reparam(model: nn.Module, decision: dict) -> nn.Module:
 def attach_token_mask_hook(model: nn.Module) -> None:
     """HF BERT-style models: batch statistics skip padding (the attention mask's zeros).
 
-    A pre-hook on the top module reads ``attention_mask`` (keyword, or BertModel's second
-    positional argument) and hands it to every MaskedBatchNorm for that forward call.
+    A pre-hook on the outermost Hugging Face module reads ``attention_mask`` (keyword, or
+    BertModel's second positional argument) and hands it to every MaskedBatchNorm for that call.
     """
-    if getattr(model, "_edgeprep_mask_hook", None) is not None or not hasattr(model, "config") \
-            or not hasattr(model.config, "num_attention_heads"):
+    # the HF model itself, or the one inside a wrapper (edgeprep's PackedTokens -> SentenceEncoder ->
+    # BertModel, which receives attention_mask as a keyword)
+    model = next((m for m in model.modules() if hasattr(getattr(m, "config", None), "num_attention_heads")), None)
+    if model is None or getattr(model, "_edgeprep_mask_hook", None) is not None:
         return
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:

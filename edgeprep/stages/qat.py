@@ -150,7 +150,9 @@ class QatStage:
         }
         ctx.report.note(f"QAT {cfg.weights} weights / {cfg.activations} activations on {len(decision['linears'])} "
                         f"Linears, {calibrated} activation quantizers; intervention {cfg.intervention} for {s} of "
-                        f"{train_cfg.steps} steps")
+                        f"{train_cfg.steps} steps"
+                        + (f"; SmoothQuant alpha {cfg.smoothing} on {len(decision['smoothing']['linears'])} inputs"
+                           if cfg.smoothing is not None else ""))
         return model
 
 

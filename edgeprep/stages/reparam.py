@@ -75,7 +75,8 @@ class ReparamStage:
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         cfg = self.config
         ctx.require_classification("reparam", "distils classification logits",
-                                   "use the Python API (edgeprep.reparam.surgery) with your own loss")
+                                   "use the Python API (edgeprep.reparam.surgery) with your own loss",
+                                   also=("embedding",))
         train_cfg: TrainConfig = cfg.train_config(ctx.train)
         if ctx.teacher is None:
             raise BadInputError("stage reparam distils from the model before the stage; no teacher was given")
