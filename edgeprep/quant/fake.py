@@ -156,3 +156,16 @@ class LsqQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"int[{self.qmin}, {self.qmax}], scale={float(self.scale):.4g}"
+
+
+@torch.no_grad()
+def forward_in_batches(model: nn.Module, inputs: torch.Tensor, batch: int) -> None:
+    """Run ``model`` over ``inputs`` in eval mode, ``batch`` rows at a time, for its side effects
+    (calibration observers, statistics hooks); the training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(inputs), batch):
+            model(inputs[i:i + batch])
+    finally:
+        model.train(was_training)

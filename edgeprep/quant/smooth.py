@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgeprep.errors import BadInputError
-from edgeprep.quant.fake import LsqQuantizer
+from edgeprep.quant.fake import LsqQuantizer, forward_in_batches
 from edgeprep.quant.linear import QuantLinear
 
 SMOOTH_EPS = 1e-5  # floor for a channel's max|x| / max|w|: dead channels keep a finite, unit-ish factor
@@ -33,7 +33,6 @@ def smoothable(model: nn.Module) -> dict[str, QuantLinear]:
             if isinstance(m, QuantLinear) and m.act is not None and m.input_mul is None}
 
 
-@torch.no_grad()
 def input_channel_absmax(model: nn.Module, inputs: torch.Tensor, names: Sequence[str],
                          batch: int = 64) -> dict[str, torch.Tensor]:
     """max|x| per input channel of each named Linear over ``inputs``, the model run in float
@@ -49,19 +48,15 @@ def input_channel_absmax(model: nn.Module, inputs: torch.Tensor, names: Sequence
     quantizers = [q for q in model.modules() if isinstance(q, LsqQuantizer)]
     enabled = [q.enabled for q in quantizers]
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    was_training = model.training
-    model.eval()
     try:
         for q in quantizers:
             q.enabled = False
-        for i in range(0, len(inputs), batch):
-            model(inputs[i:i + batch])
+        forward_in_batches(model, inputs, batch)
     finally:
         for q, e in zip(quantizers, enabled):
             q.enabled = e
         for h in handles:
             h.remove()
-        model.train(was_training)
     return stats
 
 

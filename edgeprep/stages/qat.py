@@ -21,7 +21,7 @@ import torch
 from edgeprep.context import Context
 from edgeprep.errors import BadInputError
 from edgeprep.quant.convert import QAT_KIND, quantize_model, tap_model
-from edgeprep.quant.fake import LsqQuantizer
+from edgeprep.quant.fake import LsqQuantizer, forward_in_batches
 from edgeprep.quant.smooth import smooth_model
 from edgeprep.quant.intervention import InterventionSchedule, TeacherInterventionModel, ti_loss_hook
 from edgeprep.recipe import QatConfig, TrainConfig
@@ -48,17 +48,13 @@ def intervention_steps(cfg: QatConfig, steps: int) -> int:
 def calibrate(model: torch.nn.Module, inputs: torch.Tensor, batch: int = CALIB_BATCH) -> int:
     """Set every activation quantizer's range to max|x| over ``inputs``; returns how many it set."""
     quantizers = [m for m in model.modules() if isinstance(m, LsqQuantizer)]
-    was_training = model.training
-    model.eval()
     try:
         for q in quantizers:
             q.observing = True
-        for i in range(0, len(inputs), batch):
-            model(inputs[i:i + batch])
+        forward_in_batches(model, inputs, batch)
     finally:
         for q in quantizers:
             q.observing = False
-        model.train(was_training)
     return sum(bool(q.initialized) for q in quantizers)
 
 
