@@ -22,8 +22,8 @@ from edgeprep.context import Context
 from edgeprep.errors import BadInputError
 from edgeprep.quant.convert import QAT_KIND, quantize_model, tap_model
 from edgeprep.quant.fake import LsqQuantizer, forward_in_batches
-from edgeprep.quant.smooth import smooth_model
 from edgeprep.quant.intervention import InterventionSchedule, TeacherInterventionModel, ti_loss_hook
+from edgeprep.quant.smooth import smooth_model
 from edgeprep.recipe import QatConfig, TrainConfig
 from edgeprep.reparam.fold import fold_reparam, has_reparam
 from edgeprep.train import evaluate_accuracy, train
