@@ -1,4 +1,5 @@
-"""Helpers the benchmark tables share: mean ± sd of per-seed values and a row of curve panels."""
+"""Helpers the benchmark tables share: mean ± sd of per-seed values, a row of curve panels, and
+publishing a results file."""
 from __future__ import annotations
 
 import statistics
@@ -37,3 +38,12 @@ def save_curve_panels(path: Path, panels: Sequence[tuple[str, Sequence[tuple[str
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def publish(text: str, out: Path) -> None:
+    """Print a benchmark's markdown and write it to its results file (atomically: an interrupted
+    run never leaves half a table behind)."""
+    from edgeprep.fsutil import write_text_atomic
+
+    print(text)
+    write_text_atomic(out, text)

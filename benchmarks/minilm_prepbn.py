@@ -28,10 +28,10 @@ from pathlib import Path
 import onnx
 import torch
 
-from edgeprep.fsutil import write_text_atomic
 from edgeprep.models.hf import load_sentence_encoder, minilm_dir
 from minilm_peers import add_measure_args, measure_all  # sibling scripts: benchmarks/ is on sys.path
 from ptq_table import cpu_name
+from common import publish  # a sibling script: benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "minilm_prepbn.md"
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                      + " | ".join(f"{p50[name, s, t]:.3f}" for s, t in COLS) + " | "
                      + " | ".join(f"{p50[ref, s, t] / p50[name, s, t]:.2f}x" for s, t in COLS) + " |")
     text = "\n".join(lines + [""])
-    print(text)
-    write_text_atomic(args.out, text)
+    publish(text, args.out)
     return 0
 
 

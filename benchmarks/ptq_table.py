@@ -28,11 +28,11 @@ import onnxruntime
 from edgeprep.data import load_data
 from edgeprep.exporters import get_exporter, get_runtime
 from edgeprep.exporters.onnx import OnnxOptions
-from edgeprep.fsutil import write_text_atomic
 from edgeprep.measure.parity import parity
 from edgeprep.models import ZOO
 from edgeprep.recipe import DataConfig, TrainConfig
 from edgeprep.train import evaluate_accuracy, train
+from common import publish  # a sibling script: benchmarks/ is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ptq_table.md"
 LABELS = {"onnx": "fp32 ONNX", "onnx-ptq-dynamic": "ORT dynamic PTQ (int8 weights)",
@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "Round p50s (ms): " + "; ".join(
         f"{a.name}: {', '.join(f'{v:.3f}' for v in rows[a.name]['p50s'])}" for a in artifacts), ""]
     text = "\n".join(lines)
-    print(text)
-    write_text_atomic(args.out, text)
+    publish(text, args.out)
     return 0
 
 

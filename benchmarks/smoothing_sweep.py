@@ -28,8 +28,8 @@ from edgeprep.quant.smooth import smooth_model
 from edgeprep.recipe import DataConfig, ModelConfig
 from edgeprep.stages.qat import calibrate
 from edgeprep.text_data import load_text_data
-from edgeprep.fsutil import write_text_atomic
 from ptq_table import cpu_name  # a sibling script: benchmarks/ is on sys.path
+from common import publish  # a sibling script: benchmarks/ is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "smoothing_sweep.md"
 
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "| alpha | mean cosine | top-10 overlap |", "|---|---|---|",
     ] + [f"| {a:g} | {c:.5f} | {t:.4f} |" for a, c, t in rows] + [""]
     text = "\n".join(lines)
-    print(text)
-    write_text_atomic(args.out, text)
+    publish(text, args.out)
     return 0
 
 
