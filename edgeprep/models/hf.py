@@ -1,4 +1,5 @@
-"""Hugging Face encoders from a local directory, as sentence-embedding models (extra ``hf``).
+"""Hugging Face models from a local directory (extra ``hf``): text encoders as sentence-embedding
+models, ViT / DeiT image classifiers as classifiers.
 
 Loaded strictly offline (``local_files_only``): a model directory on disk, never a hub download.
 The built-in ``minilm-l6`` is all-MiniLM-L6-v2 as shipped inside the PyPI package
@@ -8,11 +9,21 @@ The built-in ``minilm-l6`` is all-MiniLM-L6-v2 as shipped inside the PyPI packag
 pooling over the attention mask, then L2 normalization, as sentence-transformers does for this
 model (its modules.json: Transformer -> Pooling(mean) -> Normalize). Inputs: ``input_ids`` and
 ``attention_mask``, both int64 [batch, sequence]; output: [batch, hidden] float32, unit length.
+
+``ImageClassifier`` wraps a transformers image classifier (a directory whose config.json names a
+``...ForImageClassification`` architecture: ViT, DeiT, ...): input [batch, channels, size, size]
+float32 in edgeprep's fixed pixel convention ([0, 1] mapped to [-1, 1], ``edgeprep.data``),
+output the logits. The model's own normalization (preprocessor_config.json's image_mean /
+image_std) is applied inside the wrapper, so it is part of the exported graph and on-device code
+feeds the same pixels as edgeprep's data; ViT's default (mean = std = 0.5) IS edgeprep's
+convention, and then the wrapper adds nothing.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
+
+import json
 
 import numpy as np
 import torch
@@ -160,6 +171,90 @@ def load_sentence_encoder(path: str | Path) -> tuple[SentenceEncoder, Any]:
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     return SentenceEncoder(model).eval(), tokenizer
+
+
+IMAGE_ARCHITECTURE_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}/config.json: cannot read it as JSON ({exc}); pass a Hugging Face model "
+                            "directory saved with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise BadInputError(f"{path}/config.json: expected a JSON object; pass a Hugging Face model directory")
+    return config
+
+
+def is_image_classifier(config: dict[str, Any]) -> bool:
+    """config.json names an image-classification architecture (ViTForImageClassification, ...)."""
+    return any(str(a).endswith(IMAGE_ARCHITECTURE_SUFFIXES) for a in config.get("architectures") or ())
+
+
+class ImageClassifier(nn.Module):
+    """pixels [batch, C, H, W] in edgeprep's [-1, 1] convention -> the model's normalization -> logits."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        # edgeprep pixel p = 2 u - 1 for u in [0, 1]; the model wants (u - mean) / std
+        #   = p * (0.5 / std) + (0.5 - mean) / std: one per-channel affine, skipped when it is the identity
+        scale = 0.5 / torch.tensor(std, dtype=torch.float32)
+        shift = (0.5 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+        self.identity = bool(torch.allclose(scale, torch.ones_like(scale)) and torch.allclose(shift, torch.zeros_like(shift)))
+        self.register_buffer("scale", scale.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # the name the ONNX input gets
+        if not self.identity:
+            pixel_values = pixel_values * self.scale + self.shift
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _normalization(path: Path, channels: int) -> tuple[list[float], list[float]]:
+    """(image_mean, image_std) from preprocessor_config.json, per channel; no file: ViT's 0.5 / 0.5."""
+    mean: Any = [0.5] * channels
+    std: Any = [0.5] * channels
+    proc_path = path / "preprocessor_config.json"
+    if proc_path.is_file():
+        try:
+            proc = json.loads(proc_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BadInputError(f"{proc_path}: cannot read it as JSON ({exc}); fix or remove it") from None
+        if proc.get("do_normalize", True):
+            mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
+        else:
+            mean, std = [0.0] * channels, [1.0] * channels
+    mean = [float(mean)] * channels if isinstance(mean, (int, float)) else [float(v) for v in mean]
+    std = [float(std)] * channels if isinstance(std, (int, float)) else [float(v) for v in std]
+    if len(mean) != channels or len(std) != channels or any(v <= 0 for v in std):
+        raise BadInputError(f"{proc_path}: image_mean / image_std must have {channels} values (std > 0), got "
+                            f"{mean} / {std}; fix preprocessor_config.json")
+    return mean, std
+
+
+def load_image_classifier(path: str | Path) -> tuple[ImageClassifier, tuple[int, int, int], int]:
+    """(ImageClassifier in eval mode, its input shape (C, H, W), its number of classes) from a local
+    transformers image-classification directory (ViT, DeiT, ...)."""
+    path = Path(path)
+    tf = _transformers()
+    try:
+        model = tf.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True,
+                                                                    attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: transformers cannot load it offline: {' '.join(str(exc).split())[:200]}") from None
+    config = model.config
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    shape = (int(config.num_channels), int(height), int(width))
+    # dropout off: edgeprep's stages distil from a teacher copy of the model and dropout noise in the
+    # student only blurs that (ViT's and DeiT's configs default to 0 anyway)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    mean, std = _normalization(path, shape[0])
+    return ImageClassifier(model, mean, std).eval(), shape, int(config.num_labels)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -62,8 +62,10 @@ def _hf_builtins() -> tuple[str, ...]:
 
 
 def _load_hf(cfg: ModelConfig, path: Path | None) -> ModelHandle:
-    """A Hugging Face encoder directory (or a built-in one) as a packed sentence-embedding model."""
-    from edgeprep.models.hf import BUILTIN_DIRS, DEFAULT_TEXT_DATA, PackedTokens, load_sentence_encoder
+    """A Hugging Face model directory (or a built-in one): an image classifier (ViT, DeiT, ...) as a
+    classifier, anything else as a packed sentence-embedding model."""
+    from edgeprep.models.hf import (BUILTIN_DIRS, DEFAULT_TEXT_DATA, PackedTokens, is_image_classifier,
+                                    load_image_classifier, load_sentence_encoder, read_config)
 
     for key in ("factory", "input_shape"):
         if getattr(cfg, key) is not None:
@@ -72,6 +74,10 @@ def _load_hf(cfg: ModelConfig, path: Path | None) -> ModelHandle:
         raise BadInputError(f"model.kwargs {sorted(cfg.kwargs)} do not apply to a Hugging Face model "
                             f"({cfg.source}); remove them")
     directory = BUILTIN_DIRS[cfg.source]() if path is None else path
+    if is_image_classifier(read_config(directory)):
+        module, shape, num_classes = load_image_classifier(directory)
+        return ModelHandle(module=module, name=directory.name, input_shape=shape, num_classes=num_classes,
+                           data=None)
     encoder, tokenizer = load_sentence_encoder(directory)
     name = cfg.source if path is None else path.name
     return ModelHandle(module=PackedTokens(encoder).eval(), name=name, input_shape=None, num_classes=None,

@@ -1,7 +1,9 @@
 """Physical removal of attention heads and intermediate neurons from Hugging Face BERT-style layers.
 
 Recognised by structure, not by class name, so BERT, RoBERTa, MiniLM and their sequence-classification
-heads all qualify: a layer with ``attention.self.{query,key,value}``, ``attention.output.dense``,
+heads all qualify, and so do the (pre-LN) ViT and DeiT layers of transformers' image classifiers: a
+layer with a self-attention module holding ``query`` / ``key`` / ``value`` Linears (at
+``attention.self`` in BERT, ``attention.attention`` in ViT / DeiT), ``attention.output.dense``,
 ``intermediate.dense`` and ``output.dense`` Linear modules. The attention forward reads
 ``num_attention_heads`` / ``attention_head_size`` / ``all_head_size`` at run time, so updating them
 after slicing is all it needs. (transformers' own ``prune_heads`` keeps a set of *original* head
@@ -23,13 +25,33 @@ BERT_HEADS_KIND = "bert_heads"
 BERT_MLP_KIND = "bert_mlp"
 
 
+# where the self-attention module sits inside ``layer.attention``: BERT-family, ViT / DeiT
+SELF_ATTENTION_NAMES = ("self", "attention")
+
+
+def self_attention_name(module: nn.Module) -> str | None:
+    """``"self"`` or ``"attention"`` (the child of ``module.attention`` holding query / key / value)."""
+    outer = getattr(module, "attention", None)
+    for name in SELF_ATTENTION_NAMES:
+        sa = getattr(outer, name, None) if isinstance(outer, nn.Module) else None
+        if isinstance(sa, nn.Module) and hasattr(sa, "num_attention_heads") \
+                and all(isinstance(getattr(sa, p, None), nn.Linear) for p in ("query", "key", "value")):
+            return name
+    return None
+
+
+def self_attention(layer: nn.Module) -> nn.Module:
+    return getattr(layer.attention, self_attention_name(layer))
+
+
 def is_bert_layer(module: nn.Module) -> bool:
+    if self_attention_name(module) is None:
+        return False
     try:
-        parts = (module.attention.self.query, module.attention.self.key, module.attention.self.value,
-                 module.attention.output.dense, module.intermediate.dense, module.output.dense)
+        parts = (module.attention.output.dense, module.intermediate.dense, module.output.dense)
     except AttributeError:
         return False
-    return all(isinstance(p, nn.Linear) for p in parts) and hasattr(module.attention.self, "num_attention_heads")
+    return all(isinstance(p, nn.Linear) for p in parts)
 
 
 def _layer(model: nn.Module, path: str, where: str) -> nn.Module:
@@ -39,7 +61,7 @@ def _layer(model: nn.Module, path: str, where: str) -> nn.Module:
         raise BadInputError(f"{where}: no module {path!r} in {type(model).__name__}") from None
     if not is_bert_layer(layer):
         raise BadInputError(f"{where}: {path!r} is a {type(layer).__name__}, not a BERT-style layer "
-                            "(attention.self.query/key/value, attention.output.dense, intermediate.dense, output.dense)")
+                            "(attention.self (or .attention).query/key/value, attention.output.dense, intermediate.dense, output.dense)")
     return layer
 
 
@@ -50,7 +72,7 @@ def _head_index(num_heads: int, head_dim: int, heads: Sequence[int]) -> torch.Te
 
 def prune_bert_heads(model: nn.Module, layer_path: str, keep_heads: Sequence[int]) -> dict[str, Any]:
     layer = _layer(model, layer_path, "prune_bert_heads")
-    sa = layer.attention.self
+    sa = self_attention(layer)
     keep = _check_keep(keep_heads, sa.num_attention_heads, f"prune_bert_heads({layer_path!r})")
     idx = _head_index(sa.num_attention_heads, sa.attention_head_size, keep)
     sa.query = _sliced_linear(sa.query, rows=idx)
@@ -88,11 +110,11 @@ def _linear_raw(lin: nn.Linear, axis: int, method: str, where: str) -> torch.Ten
 
 def bert_head_scores(model: nn.Module, layer_path: str, method: str, seed: int = 0) -> torch.Tensor:
     layer = _layer(model, layer_path, "bert_head_scores")
-    sa = layer.attention.self
+    sa = self_attention(layer)
     h, hd = sa.num_attention_heads, sa.attention_head_size
     if method == "random":
         return random_scores(h, seed)
-    rows = sum(_linear_raw(lin, 0, method, f"{layer_path}.attention.self") for lin in (sa.query, sa.key, sa.value))
+    rows = sum(_linear_raw(lin, 0, method, f"{layer_path}.attention.{self_attention_name(layer)}") for lin in (sa.query, sa.key, sa.value))
     cols = _linear_raw(layer.attention.output.dense, 1, method, f"{layer_path}.attention.output.dense")
     return finish_scores((rows + cols).view(h, hd).sum(1), method)
 
@@ -108,14 +130,14 @@ def bert_neuron_scores(model: nn.Module, layer_path: str, method: str, seed: int
 
 def bert_head_params(model: nn.Module, layer_path: str) -> int:
     layer = _layer(model, layer_path, "bert_head_params")
-    sa = layer.attention.self
+    sa = self_attention(layer)
     per_row = sum(lin.in_features + (1 if lin.bias is not None else 0) for lin in (sa.query, sa.key, sa.value))
     return sa.attention_head_size * (per_row + layer.attention.output.dense.out_features)
 
 
 def bert_head_macs(model: nn.Module, layer_path: str, tokens: int) -> int:
     layer = _layer(model, layer_path, "bert_head_macs")
-    sa = layer.attention.self
+    sa = self_attention(layer)
     hd = sa.attention_head_size
     proj = sum(lin.in_features for lin in (sa.query, sa.key, sa.value)) + layer.attention.output.dense.out_features
     return tokens * hd * proj + 2 * tokens * tokens * hd  # projections + (q k^T) + (p v)

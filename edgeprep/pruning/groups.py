@@ -6,7 +6,8 @@ one chain of internal conv channels). Families are found by structure:
 
   family  block                                       units
   vit     has .attn (qkv/proj/num_heads) and .mlp      heads, mlp
-  bert    HF BERT-style layer (attention.self.query)  heads, mlp
+  bert    HF BERT-style layer (attention.self.query;  heads, mlp
+          ViT / DeiT: attention.attention.query)
   conv    conv1 -> bn1 -> conv2 [-> bn2 -> conv3]     channels
 
 Groups hold module *paths*, never module objects: surgery swaps modules, so every operation looks
@@ -87,12 +88,12 @@ OPS: dict[tuple[str, str], GroupOps] = {
         unit_macs=_vit_mlp_macs,
         prune=lambda m, g, keep: surgery.prune_mlp(m, g.block, keep)),
     ("bert", "heads"): GroupOps(
-        count=lambda m, g: m.get_submodule(g.block).attention.self.num_attention_heads,
+        count=lambda m, g: bert.self_attention(m.get_submodule(g.block)).num_attention_heads,
         scores=lambda m, g, method, seed: bert.bert_head_scores(m, g.block, method, seed),
         unit_params=lambda m, g: bert.bert_head_params(m, g.block),
         unit_macs=lambda m, g: bert.bert_head_macs(m, g.block, g.positions),
         prune=lambda m, g, keep: bert.prune_bert_heads(m, g.block, keep),
-        width=lambda m, g: m.get_submodule(g.block).attention.self.attention_head_size),
+        width=lambda m, g: bert.self_attention(m.get_submodule(g.block)).attention_head_size),
     ("bert", "mlp"): GroupOps(
         count=lambda m, g: m.get_submodule(g.block).intermediate.dense.out_features,
         scores=lambda m, g, method, seed: bert.bert_neuron_scores(m, g.block, method, seed),

@@ -13,7 +13,9 @@ trains Q and K, without pushing that loss into earlier layers.
 
 Two families: our ViT's ``Attention`` (one qkv Linear) and Hugging Face BERT-style self-attention
 (separate query / key / value Linears; the ``out`` tap sits on ``attention.output.dense`` as a
-forward hook, because BertSelfOutput adds the residual and the LayerNorm right after it).
+forward hook, because BertSelfOutput adds the residual and the LayerNorm right after it). The
+Hugging Face ViT / DeiT self-attention is the same module with another call signature
+(``hidden_states, head_mask``: no attention mask, every patch attends).
 """
 from __future__ import annotations
 
@@ -147,7 +149,10 @@ class QatBertSelfAttention(_TappedAttention):
         self.num_attention_heads = src.num_attention_heads
         self.attention_head_size = src.attention_head_size
         self.all_head_size = src.all_head_size
-        self.query, self.key, self.value, self.dropout = src.query, src.key, src.value, src.dropout
+        self.query, self.key, self.value = src.query, src.key, src.value
+        # BERT keeps its attention-probability dropout as a module; ViT / DeiT only as a probability
+        self.dropout = src.dropout if isinstance(getattr(src, "dropout", None), nn.Module) \
+            else nn.Dropout(float(getattr(src, "dropout_prob", 0.0)))
         self.is_decoder = getattr(src, "is_decoder", False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +177,14 @@ class QatBertSelfAttention(_TappedAttention):
         batch, tokens = context.shape[0], context.shape[2]
         context = context.permute(0, 2, 1, 3).reshape(batch, tokens, self.all_head_size)
         return self.tap("context", context), probs
+
+
+class QatHFViTSelfAttention(QatBertSelfAttention):
+    """A Hugging Face ViTSelfAttention / DeiTSelfAttention: called as (hidden_states, head_mask)."""
+
+    def forward(self, hidden_states: torch.Tensor, head_mask: Optional[torch.Tensor] = None,
+                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(hidden_states, None, head_mask)
 
 
 def bert_out_tap(attention: _TappedAttention):

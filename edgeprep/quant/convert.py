@@ -20,9 +20,10 @@ from torch import nn
 
 from edgeprep.errors import BadInputError
 from edgeprep.models.vit import Attention as VitAttention
-from edgeprep.pruning.bert import is_bert_layer
+from edgeprep.pruning.bert import is_bert_layer, self_attention_name
 from edgeprep.pruning.groups import matches
-from edgeprep.quant.attention import QatBertSelfAttention, QatViTAttention, Taps, _TappedAttention, bert_out_tap
+from edgeprep.quant.attention import (QatBertSelfAttention, QatHFViTSelfAttention, QatViTAttention, Taps,
+                                      _TappedAttention, bert_out_tap)
 from edgeprep.quant.linear import ACTIVATION_MODES, WEIGHT_MODES, QuantLinear
 from edgeprep.quant.smooth import replay_smoothing
 
@@ -37,7 +38,7 @@ class AttentionSite:
     layer: int
     attention: str
     block: str
-    family: str  # "vit" | "bert"
+    family: str  # "vit" (edgeprep's) | "bert" | "hf_vit" (transformers' ViT / DeiT layers)
     out_linear: Optional[str] = None
 
 
@@ -49,8 +50,9 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
             sites.append(AttentionSite(len(sites), name, block, "vit"))
         elif is_bert_layer(module):
             prefix = f"{name}." if name else ""
-            sites.append(AttentionSite(len(sites), f"{prefix}attention.self", name, "bert",
-                                       f"{prefix}attention.output.dense"))
+            child = self_attention_name(module)
+            sites.append(AttentionSite(len(sites), f"{prefix}attention.{child}", name,
+                                       "bert" if child == "self" else "hf_vit", f"{prefix}attention.output.dense"))
     return sites
 
 
@@ -63,7 +65,7 @@ def _swap_attention(model: nn.Module, site: AttentionSite, quantize: bool) -> No
     src = model.get_submodule(site.attention)
     if isinstance(src, _TappedAttention):
         return
-    cls = QatViTAttention if site.family == "vit" else QatBertSelfAttention
+    cls = {"vit": QatViTAttention, "bert": QatBertSelfAttention, "hf_vit": QatHFViTSelfAttention}[site.family]
     try:
         new = cls(src, site.layer, quantize)
     except ValueError as exc:

@@ -4,6 +4,8 @@ What a norm folds into is decided here, where the model's structure is known, an
 decision (``norms: {norm FQN: [consumer Linear FQNs]}``) so folding later needs no guessing:
 - pre-LN ViT blocks (``norm1`` -> ``attn.qkv``, ``norm2`` -> ``mlp.fc1``) and a ViT's final
   ``norm`` -> ``head``: the norm's output feeds only those Linears, so it folds into them;
+- transformers' pre-LN ViT / DeiT layers the same way (``layernorm_before`` -> the query, key and
+  value Linears, ``layernorm_after`` -> ``intermediate.dense``);
 - every other LayerNorm (e.g. post-LN BERT, whose norms also feed the residual stream): no
   consumer; it folds to a per-channel affine (Mul + Add), never a normalization.
 Folding checks itself numerically (``fold.fold_reparam``), so a wrong plan cannot go unnoticed.
@@ -18,6 +20,7 @@ from torch import nn
 from edgeprep.errors import BadInputError
 from edgeprep.models.vit import Attention as VitAttention
 from edgeprep.models.vit import ViT
+from edgeprep.pruning.bert import is_bert_layer, self_attention_name
 from edgeprep.pruning.groups import is_vit_block
 from edgeprep.reparam.norms import PRepBN, set_token_mask
 from edgeprep.reparam.sla import SimplifiedLinearAttention
@@ -49,6 +52,11 @@ def norm_plan(model: nn.Module) -> dict[str, list[str]]:
             for norm, consumer in (("norm1", "attn.qkv"), ("norm2", "mlp.fc1")):
                 if prefix + norm in plan:
                     plan[prefix + norm] = [prefix + consumer]
+        if is_bert_layer(m) and isinstance(getattr(m, "layernorm_before", None), nn.LayerNorm) \
+                and isinstance(getattr(m, "layernorm_after", None), nn.LayerNorm):  # HF pre-LN ViT / DeiT
+            sa = f"{prefix}attention.{self_attention_name(m)}"
+            plan[prefix + "layernorm_before"] = [f"{sa}.{p}" for p in ("query", "key", "value")]
+            plan[prefix + "layernorm_after"] = [prefix + "intermediate.dense"]
         if isinstance(m, ViT) and prefix + "norm" in plan:  # head(norm(x)[:, 0]): selection commutes
             plan[prefix + "norm"] = [prefix + "head"]
     return plan
