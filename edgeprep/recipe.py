@@ -388,6 +388,13 @@ class Recipe(Strict):
         sla_at = next((i for i, st in enumerate(self.stages)
                        if isinstance(st, ReparamConfig) and st.attention == "sla"), None)
         qat_at = next((i for i, st in enumerate(self.stages) if isinstance(st, QatConfig)), None)
+        if qat_at is not None:
+            from edgeprep.exporters.base import QAT_TORCH_EXPORT_FIX, TORCH_EXPORT_TARGETS
+
+            for i, e in enumerate(self.export):
+                if e.target in TORCH_EXPORT_TARGETS:
+                    raise ValueError(f"export.{i}: target {e.target} cannot take the int8 QAT model of stages.{qat_at} "
+                                     f"yet; {QAT_TORCH_EXPORT_FIX}")
         if sla_at is not None and qat_at is not None:
             raise ValueError(f"stages.{qat_at}: qat after reparam with attention: sla (stages.{sla_at}) is not "
                              "supported yet (its quantizers and Teacher Intervention tap softmax attention); "

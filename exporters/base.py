@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from edgeprep.errors import BadInputError
 from edgeprep.types import Artifact, LatencyStats
 
 
@@ -46,6 +47,25 @@ def package_version(dist: str) -> str | None:
 def short_error(exc: BaseException, limit: int = 300) -> str:
     """One line for an error message: the type and the whitespace-collapsed text, capped."""
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
+
+
+# Targets whose export goes through torch.export and cannot take a QAT (fake-quant int8) model yet.
+TORCH_EXPORT_TARGETS = ("executorch", "litert")
+QAT_TORCH_EXPORT_FIX = ("export the float model from before the qat stage instead (a recipe's `int8: true` adds the "
+                        "target's own int8 PTQ), or export this one to onnx, tensorrt or coreml, which carry the QAT "
+                        "int8 numbers")
+
+
+def refuse_qat_model(model: Any, target: str) -> None:
+    """One clear line instead of torch.export's data-dependent-guard trace: the fake quantizers'
+    calibration branch and scale checks read tensors, which torch.export cannot trace, and lowering
+    the QAT numbers onto ExecuTorch's / LiteRT's int8 kernels is not built. (A binarized model exports to ExecuTorch:
+    their binarizers have a branch-free inference form.)"""
+    from edgeprep.quant.linear import QuantLinear
+
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise BadInputError(f"{target}: a QAT (int8 fake-quant) model cannot be exported to {target} yet; "
+                            + QAT_TORCH_EXPORT_FIX)
 
 
 def static_example(example_inputs: Sequence[Any], batch: int) -> tuple[Any, ...]:

@@ -27,8 +27,8 @@ import numpy as np
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import (ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version, short_error,
-                                     static_example)
+from edgeprep.exporters.base import (ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version,
+                                     refuse_qat_model, short_error, static_example)
 from edgeprep.fsutil import write_bytes_atomic
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
@@ -95,6 +95,7 @@ class ExecuTorchExporter(Int8PeerExporter):
 
         _need_executorch()
         opts = ExecuTorchOptions.of(options)
+        refuse_qat_model(model, "executorch")
         example = static_example(example_inputs, opts.static_batch)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

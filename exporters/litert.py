@@ -24,8 +24,8 @@ import numpy as np
 from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import (ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version, short_error,
-                                     static_example)
+from edgeprep.exporters.base import (ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version,
+                                     refuse_qat_model, short_error, static_example)
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
 
@@ -79,6 +79,7 @@ class LiteRTExporter(Int8PeerExporter):
 
         _need("litert_torch", "litert-convert")
         opts = LiteRTOptions.of(options)
+        refuse_qat_model(model, "litert")
         example = static_example(example_inputs, opts.static_batch)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

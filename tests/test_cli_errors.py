@@ -35,6 +35,10 @@ RECIPE_CASES = [
     ("derived-name-clash", GOOD + "export:\n  - {target: onnx, ptq: [dynamic]}\n  - {target: onnx, name: onnx-ptq-dynamic}\n",
      [], "onnx-ptq-dynamic"),
     ("ptq-on-ort-mobile", GOOD + "export:\n  - {target: ort-mobile, ptq: [static]}\n", [], "onnx only"),
+    ("qat-to-executorch", GOOD + "stages:\n  - {kind: qat}\nexport:\n  - {target: onnx}\n  - {target: executorch}\n",
+     [], "export.1: target executorch cannot take the int8 QAT model of stages.0"),
+    ("qat-to-litert", GOOD + "stages:\n  - {kind: qat}\nexport:\n  - {target: litert}\n",
+     [], "export.0: target litert cannot take the int8 QAT model"),
 ]
 
 
@@ -96,3 +100,27 @@ def test_malformed_manifest_is_exit_3_one_line(tmp_path, manifest):
     proc = run_cli("validate", str(art), cwd=tmp_path)
     lines = stderr_lines(proc)
     assert proc.returncode == 3 and len(lines) == 1 and "re-export" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("target", ["executorch", "litert"])
+def test_qat_checkpoint_to_a_torch_export_target_is_refused_before_writing(tmp_path, target):
+    """By hand (`edgeprep export CKPT -t executorch`), a QAT checkpoint gets the same one line, exit 2,
+    and no artifact directory (torch.export cannot trace the fake quantizers)."""
+    import torch
+
+    from edgeprep.checkpoint import save_checkpoint
+    from edgeprep.models import build_zoo_model
+    from edgeprep.quant.convert import quantize_model
+    from edgeprep.recipe import DataConfig, ModelConfig
+
+    model = build_zoo_model("vit-tiny-digits").module
+    decision = quantize_model(model, "int8", "int8")
+    model(torch.zeros(2, 1, 8, 8))  # the first batch initialises the activation scales
+    meta = {"stage": 0, "kind": "qat", "input_shape": [1, 8, 8], "task": "classification",
+            "data": DataConfig(source="digits").model_dump(mode="json")}  # what `edgeprep run` writes
+    save_checkpoint(tmp_path / "ckpt", model, ModelConfig(source="vit-tiny-digits"), [decision], meta)
+    proc = run_cli("export", str(tmp_path / "ckpt"), "-t", target, "-o", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = stderr_lines(proc)
+    assert len(lines) == 1 and f"a QAT (int8 fake-quant) model cannot be exported to {target}" in lines[0], lines
+    assert not (tmp_path / "out").exists()
