@@ -184,6 +184,7 @@ def qat(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
         label_loss: float = typer.Option(0.0, help="Weight of the ground-truth loss (0: distillation only)."),
         smoothing: Optional[float] = typer.Option(
             None, help="SmoothQuant migration strength in (0, 1] for int8 Linear inputs (e.g. 0.85 for BERT)."),
+        embeddings: str = typer.Option("float", help="Embedding tables: float | int8 (per-row int8 weights)."),
         seed: int = typer.Option(0, help="Seed."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle")) -> None:
     """Quantization-aware training with Teacher Intervention, distilled from the checkpoint's model."""
@@ -193,7 +194,8 @@ def qat(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
     cfg = parse_stage_options(QatConfig, {
         "weights": weights, "activations": activations, "intervention": intervention,
         "intervention_steps": intervention_steps, "steps": steps, "label_loss": label_loss,
-        "smoothing": smoothing, "train": {"lr": lr} if lr is not None else {}}, where="edgeprep qat")
+        "smoothing": smoothing, "embeddings": embeddings, "train": {"lr": lr} if lr is not None else {}},
+        where="edgeprep qat")
     entry = apply_stage(ckpt, output, cfg, seed=seed, trust_pickle=trust_pickle)
     note = entry["notes"][-1] if entry["notes"] else ""
     out.print(f"qat: {note}; {entry['metric']['name']} {entry['metric']['value']:.4f} -> {output}")

@@ -172,6 +172,9 @@ class QatConfig(TrainingStageConfig):
     # SmoothQuant migration strength alpha in (0, 1] for int8 Linear inputs (edgeprep.quant.smooth);
     # null: none. For post-LN BERT encoders with outlier channels; 0.85 on all-MiniLM-L6-v2.
     smoothing: Optional[float] = Field(None, gt=0, le=1)
+    # int8: every nn.Embedding (under targets) gets per-row int8 weights (edgeprep.quant.embedding):
+    # a sentence encoder's word-embedding table is most of its artifact's bytes
+    embeddings: Literal["float", "int8"] = "float"
 
     @model_validator(mode="after")
     def _intervention(self) -> "QatConfig":

@@ -24,6 +24,7 @@ from edgeprep.pruning.bert import is_bert_layer, self_attention_name
 from edgeprep.pruning.groups import matches
 from edgeprep.quant.attention import (QatBertSelfAttention, QatHFViTSelfAttention, QatViTAttention, Taps,
                                       _TappedAttention, bert_out_tap)
+from edgeprep.quant.embedding import QuantEmbedding
 from edgeprep.quant.linear import ACTIVATION_MODES, WEIGHT_MODES, QuantLinear
 from edgeprep.quant.smooth import replay_smoothing
 
@@ -82,11 +83,13 @@ def _targeted(name: str, targets: Sequence[str], ignore: Sequence[str]) -> bool:
 
 def quantize_model(model: nn.Module, weights: str, activations: str, *, targets: Sequence[str] = (),
                    ignore: Sequence[str] = (), linears: Optional[Sequence[str]] = None,
-                   attentions: Optional[Sequence[str]] = None) -> dict[str, Any]:
+                   attentions: Optional[Sequence[str]] = None, embeddings: str | Sequence[str] = "float") -> dict[str, Any]:
     """Swap modules in place; returns the decision that replays it.
 
     ``linears`` / ``attentions`` (from a decision) name the modules exactly; otherwise every Linear
-    and attention layer under ``targets`` and not under ``ignore`` is swapped.
+    and attention layer under ``targets`` and not under ``ignore`` is swapped. ``embeddings``:
+    "float" (none), "int8" (every nn.Embedding under targets / not under ignore gets per-row int8
+    weights, ``edgeprep.quant.embedding``), or the exact names (from a decision).
     """
     if weights not in WEIGHT_MODES:
         raise BadInputError(f"weights {weights!r} is not one of {', '.join(WEIGHT_MODES)}")
@@ -107,6 +110,25 @@ def quantize_model(model: nn.Module, weights: str, activations: str, *, targets:
     if not linears:
         raise BadInputError(f"qat: no nn.Linear in {type(model).__name__} matches targets {list(targets)} "
                             f"/ ignore {list(ignore)}")
+    if embeddings == "float":
+        embeddings = []
+    elif embeddings == "int8":
+        embeddings = [n for n, m in model.named_modules()
+                      if isinstance(m, nn.Embedding) and not isinstance(m, QuantEmbedding) and _targeted(n, targets, ignore)]
+        if not embeddings:
+            raise BadInputError(f"qat: embeddings: int8, but {type(model).__name__} has no nn.Embedding under targets "
+                                f"{list(targets)} / ignore {list(ignore)}; set embeddings: float")
+    elif isinstance(embeddings, str):
+        raise BadInputError(f"embeddings {embeddings!r} is not one of float, int8")
+    for name in embeddings:
+        module = model.get_submodule(name) if _has(model, name) else None
+        if not isinstance(module, nn.Embedding):
+            raise BadInputError(f"qat: {name!r} is not an nn.Embedding of {type(model).__name__}")
+        if not isinstance(module, QuantEmbedding):
+            try:
+                _set(model, name, QuantEmbedding.from_embedding(module))
+            except ValueError as exc:
+                raise BadInputError(f"qat: {name}: {exc}; set embeddings: float") from None
     for name in linears:
         try:
             module = model.get_submodule(name)
@@ -116,14 +138,26 @@ def quantize_model(model: nn.Module, weights: str, activations: str, *, targets:
             raise BadInputError(f"qat: {name!r} is a {type(module).__name__}, not an nn.Linear")
         if not isinstance(module, QuantLinear):
             _set(model, name, QuantLinear.from_linear(module, weights=weights, activations=activations))
-    return {"kind": QAT_KIND, "weights": weights, "activations": activations,
-            "linears": list(linears), "attentions": list(attentions)}
+    decision = {"kind": QAT_KIND, "weights": weights, "activations": activations,
+                "linears": list(linears), "attentions": list(attentions)}
+    if embeddings:  # only when used: older checkpoints' decisions stay byte-identical
+        decision["embeddings"] = list(embeddings)
+    return decision
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def replay_qat(model: nn.Module, decision: dict) -> nn.Module:
     """DECISION_REPLAYERS entry: the same swaps, before the checkpoint's weights load."""
     quantize_model(model, decision["weights"], decision["activations"],
-                   linears=decision["linears"], attentions=decision["attentions"])
+                   linears=decision["linears"], attentions=decision["attentions"],
+                   embeddings=decision.get("embeddings", []))
     if decision.get("smoothing"):
         replay_smoothing(model, decision["smoothing"]["linears"])
     return model

@@ -1,7 +1,8 @@
 """Put a QAT model into its export form for the duration of an ONNX export.
 
 Inside ``exporting(model)`` every QuantLinear holds its integer weights as buffers (``qweight``
-int8 [in, out], ``qweight_scale`` float [out]) and every quantizer emits torch's
+int8 [in, out], ``qweight_scale`` float [out]), every QuantEmbedding its int8 table and row scales
+(``qembedding``, ``qembedding_scale``), and every quantizer emits torch's
 quantized_decomposed ops, which the dynamo ONNX exporter writes as QuantizeLinear /
 DequantizeLinear with int8 initializers. The numbers are the fake-quant model's: same integers,
 same scales, same round-half-even. Afterwards the model is exactly as before.
@@ -15,10 +16,11 @@ from torch import nn
 
 from edgeprep.binary.binarizers import ElasticBinarizer
 from edgeprep.binary.modules import BinaryLinear
+from edgeprep.quant.embedding import QuantEmbedding
 from edgeprep.quant.fake import LsqQuantizer
 from edgeprep.quant.linear import QuantLinear
 
-EXPORT_BUFFERS = ("qweight", "qweight_scale", "qbias", "qbias_scale")
+EXPORT_BUFFERS = ("qweight", "qweight_scale", "qbias", "qbias_scale", "qembedding", "qembedding_scale")
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -47,6 +49,11 @@ def exporting(model: nn.Module) -> Iterator[bool]:
                 m.register_buffer("qbias", bias[0])
                 m.register_buffer("qbias_scale", bias[1])
         for m in switchable:
+            if isinstance(m, QuantEmbedding):
+                codes, scales = m.integer_weight()
+                m.register_buffer("qembedding", codes)
+                m.register_buffer("qembedding_scale", scales)
+        for m in switchable:
             if isinstance(m, LsqQuantizer):
                 m.export_scale = m.step_size()
             m.exporting = True
@@ -54,7 +61,7 @@ def exporting(model: nn.Module) -> Iterator[bool]:
     finally:
         for m in switchable:
             m.exporting = False
-        for m in linears:
+        for m in switchable:
             for name in EXPORT_BUFFERS:
                 m._buffers.pop(name, None)
 
@@ -63,7 +70,8 @@ def quantization_summary(model: nn.Module) -> dict[str, Any]:
     """What the artifact's manifest says about its quantization."""
     linears = [m for m in model.modules() if isinstance(m, (QuantLinear, BinaryLinear))]
     modes = sorted({getattr(m, "weight_mode", "binary") for m in linears})
-    acts = sum(1 for m in _switchable(model) if not isinstance(m, (QuantLinear, BinaryLinear)))
+    acts = sum(1 for m in _switchable(model) if not isinstance(m, (QuantLinear, BinaryLinear, QuantEmbedding)))
     binarizers = sum(1 for m in model.modules() if isinstance(m, ElasticBinarizer))
+    embeddings = sum(1 for m in model.modules() if isinstance(m, QuantEmbedding))
     return {"weights": modes, "quantized_linears": len(linears), "activation_quantizers": acts,
-            "activation_binarizers": binarizers}
+            "activation_binarizers": binarizers, "int8_embeddings": embeddings}

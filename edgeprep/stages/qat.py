@@ -122,7 +122,8 @@ class QatStage:
         # (folding after quantization would rescale integer weights off their grid).
         if has_reparam(model):
             ctx.decisions.append(fold_reparam(model, check_inputs=(ctx.data.calib[:CALIB_BATCH],)))
-        decision = quantize_model(model, cfg.weights, cfg.activations, targets=cfg.targets, ignore=cfg.ignore)
+        decision = quantize_model(model, cfg.weights, cfg.activations, targets=cfg.targets, ignore=cfg.ignore,
+                                  embeddings=cfg.embeddings)
         ctx.decisions.append(decision)
         if cfg.smoothing is not None:  # before calibration: the quantizers' ranges are those of x / s
             decision["smoothing"] = smooth_model(model, ctx.data.calib, cfg.smoothing)
@@ -137,7 +138,7 @@ class QatStage:
         ctx.report.metrics["qat"] = {
             "weights": cfg.weights, "activations": cfg.activations, "intervention": cfg.intervention,
             "intervention_steps": s, "steps": train_cfg.steps, "label_loss": cfg.label_loss,
-            "smoothing": cfg.smoothing,
+            "smoothing": cfg.smoothing, "int8_embeddings": decision.get("embeddings", []),
             "loss_weights": cfg.loss_weights.model_dump(),
             "quantized_linears": len(decision["linears"]), "attention_layers": len(decision["attentions"]),
             "activation_quantizers": calibrated,
@@ -148,7 +149,9 @@ class QatStage:
                         f"Linears, {calibrated} activation quantizers; intervention {cfg.intervention} for {s} of "
                         f"{train_cfg.steps} steps"
                         + (f"; SmoothQuant alpha {cfg.smoothing} on {len(decision['smoothing']['linears'])} inputs"
-                           if cfg.smoothing is not None else ""))
+                           if cfg.smoothing is not None else "")
+                        + (f"; per-row int8 embeddings: {', '.join(decision['embeddings'])}"
+                           if decision.get("embeddings") else ""))
         return model
 
 
