@@ -175,7 +175,8 @@ def test_prepbn_plan_folds_layer_norms_into_query_key_value_and_fc1(deit_dir):
     plan = norm_plan(load_model(ModelConfig(source=str(deit_dir))).module)
     for i in range(3):
         layer = f"model.deit.encoder.layer.{i}"
-        assert plan[f"{layer}.layernorm_before"] == [f"{layer}.attention.attention.{p}" for p in ("query", "key", "value")]
+        qkv = [f"{layer}.attention.attention.{p}" for p in ("query", "key", "value")]
+        assert plan[f"{layer}.layernorm_before"] == qkv
         assert plan[f"{layer}.layernorm_after"] == [f"{layer}.intermediate.dense"]
     assert plan["model.deit.layernorm"] == []  # feeds two heads through token slices: stays an affine
 

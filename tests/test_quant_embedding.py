@@ -70,7 +70,8 @@ def test_int8_embeddings_replay_and_export_as_an_int8_gather(tmp_path):
     ids = torch.randint(0, 300, (6, 12), generator=torch.Generator().manual_seed(0))
     model = _Logits(_bert())
     decision = quantize_model(model, "int8", "int8", embeddings="int8")
-    assert decision["embeddings"] == [f"bert.bert.embeddings.{n}_embeddings" for n in ("word", "position", "token_type")]
+    tables = [f"bert.bert.embeddings.{n}_embeddings" for n in ("word", "position", "token_type")]
+    assert decision["embeddings"] == tables
     calibrate(model, ids)
     rebuilt = replay_qat(_Logits(_bert()), decision)
     rebuilt.load_state_dict(model.state_dict(), strict=True)
@@ -81,7 +82,9 @@ def test_int8_embeddings_replay_and_export_as_an_int8_gather(tmp_path):
     exporter = get_exporter("onnx")
     artifact = exporter.export(model, (ids,), tmp_path / "int8", OnnxOptions())
     summary = artifact.info["quantization"]
-    assert (summary["int8_embeddings"], summary["quantized_linears"], summary["activation_quantizers"]) == (3, 2 * 6 + 2, 2 * (6 + 4) + 2)
+    # 3 tables; q k v o fc1 fc2 per layer + pooler + classifier; their inputs + Q K V probs per layer
+    counts = (summary["int8_embeddings"], summary["quantized_linears"], summary["activation_quantizers"])
+    assert counts == (3, 2 * 6 + 2, 2 * (6 + 4) + 2)
     graph = onnx.load(str(tmp_path / "int8" / "model.onnx")).graph
     tables = {i.name: (i.data_type, list(i.dims)) for i in graph.initializer if list(i.dims) == [300, 32]}
     assert list(tables.values()) == [(onnx.TensorProto.INT8, [300, 32])]  # no fp32 copy of the table left

@@ -20,10 +20,9 @@ convention, and then the wrapper adds nothing.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
-
-import json
 
 import numpy as np
 import torch
@@ -202,7 +201,8 @@ class ImageClassifier(nn.Module):
         #   = p * (0.5 / std) + (0.5 - mean) / std: one per-channel affine, skipped when it is the identity
         scale = 0.5 / torch.tensor(std, dtype=torch.float32)
         shift = (0.5 - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
-        self.identity = bool(torch.allclose(scale, torch.ones_like(scale)) and torch.allclose(shift, torch.zeros_like(shift)))
+        self.identity = bool(torch.allclose(scale, torch.ones_like(scale))
+                             and torch.allclose(shift, torch.zeros_like(shift)))
         self.register_buffer("scale", scale.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", shift.view(1, -1, 1, 1), persistent=False)
 

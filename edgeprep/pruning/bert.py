@@ -61,7 +61,8 @@ def _layer(model: nn.Module, path: str, where: str) -> nn.Module:
         raise BadInputError(f"{where}: no module {path!r} in {type(model).__name__}") from None
     if not is_bert_layer(layer):
         raise BadInputError(f"{where}: {path!r} is a {type(layer).__name__}, not a BERT-style layer "
-                            "(attention.self (or .attention).query/key/value, attention.output.dense, intermediate.dense, output.dense)")
+                            "(attention.self or attention.attention with query/key/value, attention.output.dense, "
+                            "intermediate.dense, output.dense)")
     return layer
 
 
@@ -114,7 +115,8 @@ def bert_head_scores(model: nn.Module, layer_path: str, method: str, seed: int =
     h, hd = sa.num_attention_heads, sa.attention_head_size
     if method == "random":
         return random_scores(h, seed)
-    rows = sum(_linear_raw(lin, 0, method, f"{layer_path}.attention.{self_attention_name(layer)}") for lin in (sa.query, sa.key, sa.value))
+    where = f"{layer_path}.attention.{self_attention_name(layer)}"
+    rows = sum(_linear_raw(lin, 0, method, where) for lin in (sa.query, sa.key, sa.value))
     cols = _linear_raw(layer.attention.output.dense, 1, method, f"{layer_path}.attention.output.dense")
     return finish_scores((rows + cols).view(h, hd).sum(1), method)
 

@@ -83,7 +83,8 @@ def _targeted(name: str, targets: Sequence[str], ignore: Sequence[str]) -> bool:
 
 def quantize_model(model: nn.Module, weights: str, activations: str, *, targets: Sequence[str] = (),
                    ignore: Sequence[str] = (), linears: Optional[Sequence[str]] = None,
-                   attentions: Optional[Sequence[str]] = None, embeddings: str | Sequence[str] = "float") -> dict[str, Any]:
+                   attentions: Optional[Sequence[str]] = None,
+                   embeddings: str | Sequence[str] = "float") -> dict[str, Any]:
     """Swap modules in place; returns the decision that replays it.
 
     ``linears`` / ``attentions`` (from a decision) name the modules exactly; otherwise every Linear
@@ -113,8 +114,8 @@ def quantize_model(model: nn.Module, weights: str, activations: str, *, targets:
     if embeddings == "float":
         embeddings = []
     elif embeddings == "int8":
-        embeddings = [n for n, m in model.named_modules()
-                      if isinstance(m, nn.Embedding) and not isinstance(m, QuantEmbedding) and _targeted(n, targets, ignore)]
+        embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)
+                      and not isinstance(m, QuantEmbedding) and _targeted(n, targets, ignore)]
         if not embeddings:
             raise BadInputError(f"qat: embeddings: int8, but {type(model).__name__} has no nn.Embedding under targets "
                                 f"{list(targets)} / ignore {list(ignore)}; set embeddings: float")
