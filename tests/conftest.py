@@ -17,6 +17,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tiny_bert_classifier(vocab_size: int = 50):
+    """A 2-layer BertForSequenceClassification (hidden 32, 4 heads, 3 labels), seed 0, eval mode,
+    eager attention and no dropout: deterministic, for the QAT tests on BERT-style layers."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16, num_labels=3,
+                                  attn_implementation="eager", hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     """`python -m edgeprep ARGS` in a subprocess; returns CompletedProcess (text)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}

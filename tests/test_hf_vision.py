@@ -182,23 +182,17 @@ def test_prepbn_plan_folds_layer_norms_into_query_key_value_and_fc1(deit_dir):
 
 
 # ----------------------------------------------------------------------------- recipes
-VIT_RECIPE = """
-name: hf-vit
+def recipe(name: str, path: Path, stages: str) -> str:
+    """A recipe on ``path`` trained on digits first (finetune), then ``stages``, exported to ONNX."""
+    return f"""
+name: {name}
 seed: 0
 model: {{source: {path}}}
-data: {{source: digits, calibration_samples: 128}}
+data: {{source: digits, calibration_samples: 64}}
 train: {{steps: 250, batch_size: 64, lr: 0.003, warmup_steps: 25}}
 stages:
   - kind: finetune
-  - kind: prune
-    pruning_ratio: 0.3
-    train: {{steps: 90}}
-  - kind: qat
-    weights: int8
-    activations: int8
-    intervention: gradual
-    steps: 90
-    train: {{lr: 0.0003, warmup_steps: 10}}
+{stages}
 export:
   - target: onnx
 validate:
@@ -207,9 +201,15 @@ validate:
 """
 
 
+VIT_STAGES = """  - {kind: prune, pruning_ratio: 0.3, train: {steps: 90}}
+  - {kind: qat, weights: int8, activations: int8, intervention: gradual, steps: 90,
+     train: {lr: 0.0003, warmup_steps: 10}}"""
+DEIT_STAGES = "  - {kind: reparam, norm: prepbn, train: {steps: 120}}"
+
+
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory, vit_dir) -> Path:
-    return finished_run(tmp_path_factory, "hf-vit", VIT_RECIPE.format(path=vit_dir))
+    return finished_run(tmp_path_factory, "hf-vit", recipe("hf-vit", vit_dir, VIT_STAGES))
 
 
 def test_vit_recipe_prunes_quantizes_and_matches_on_onnxruntime(vit_run):
@@ -239,27 +239,8 @@ def test_vit_qat_checkpoint_exports_again_by_hand(vit_run, tmp_path):
     assert ops(tmp_path / "again" / "model.onnx") == ops(vit_run / "run" / "artifacts" / "onnx" / "model.onnx")
 
 
-DEIT_RECIPE = """
-name: hf-deit
-seed: 0
-model: {{source: {path}}}
-data: {{source: digits, calibration_samples: 64}}
-train: {{steps: 250, batch_size: 64, lr: 0.003, warmup_steps: 25}}
-stages:
-  - kind: finetune
-  - kind: reparam
-    norm: prepbn
-    train: {{steps: 120}}
-export:
-  - target: onnx
-validate:
-  split: test
-  profile: {{warmup: 3, iters: 10, threads: 1, batch: 1}}
-"""
-
-
 def test_deit_prepbn_folds_away_on_onnxruntime(tmp_path_factory, deit_dir):
-    run = finished_run(tmp_path_factory, "hf-deit", DEIT_RECIPE.format(path=deit_dir)) / "run"
+    run = finished_run(tmp_path_factory, "hf-deit", recipe("hf-deit", deit_dir, DEIT_STAGES)) / "run"
     report = json.loads((run / "report.json").read_text())
     reparam_metric = next(s for s in report["stages"] if s["kind"] == "reparam")["metric"]["value"]
     assert reparam_metric >= report["baseline"]["metric"]["value"] - 0.05

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_bert_classifier
 from edgeprep.errors import BadInputError
 from edgeprep.quant.convert import quantize_model, replay_qat
 from edgeprep.quant.embedding import QuantEmbedding
@@ -46,12 +47,7 @@ def test_per_row_grid_is_exact_and_trains_through_the_rounding():
 
 
 def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=16, num_labels=3,
-                                  attn_implementation="eager", hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return tiny_bert_classifier(vocab_size=300)
 
 
 class _Logits(nn.Module):

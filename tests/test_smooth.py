@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_bert_classifier
 from edgeprep.errors import BadInputError
 from edgeprep.quant.convert import quantize_model, replay_qat
 from edgeprep.quant.linear import QuantLinear
@@ -78,12 +79,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=16, num_labels=3,
-                                  attn_implementation="eager", hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return tiny_bert_classifier()
 
 
 def test_smoothed_bert_replays_from_its_decision():
