@@ -134,7 +134,7 @@ def test_head_and_neuron_pruning_equal_masked_transformers(vit_dir):
     assert (got - expected).abs().max().item() < 1e-5
 
 
-def test_tapped_attention_equals_transformers_and_qat_replays(vit_dir, tmp_path):
+def test_tapped_attention_equals_transformers_and_qat_replays(vit_dir):
     """The QAT attention module on a ViT layer: without quantizers it IS the float layer; with int8
     it swaps every attention and Linear, and the checkpoint decision rebuilds it exactly."""
     from edgeprep.quant.attention import QatHFViTSelfAttention
@@ -204,7 +204,6 @@ validate:
 VIT_STAGES = """  - {kind: prune, pruning_ratio: 0.3, train: {steps: 90}}
   - {kind: qat, weights: int8, activations: int8, intervention: gradual, steps: 90,
      train: {lr: 0.0003, warmup_steps: 10}}"""
-DEIT_STAGES = "  - {kind: reparam, norm: prepbn, train: {steps: 120}}"
 
 
 @pytest.fixture(scope="module")
@@ -230,41 +229,37 @@ def test_vit_recipe_prunes_quantizes_and_matches_on_onnxruntime(vit_run):
     assert [i.name for i in graph.input] == ["pixel_values"]
 
 
-def test_vit_qat_checkpoint_exports_again_by_hand(vit_run, tmp_path):
-    qat = next((vit_run / "run" / "stages").glob("*-qat"))
-    proc = run_cli("export", str(qat), "-t", "onnx", "-o", str(tmp_path / "again"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    # the checkpoint replays onto the model directory: the same quantized graph as the recipe's artifact
-    ops = lambda p: sorted(n.op_type for n in onnx.load(str(p)).graph.node)  # noqa: E731
-    assert ops(tmp_path / "again" / "model.onnx") == ops(vit_run / "run" / "artifacts" / "onnx" / "model.onnx")
-
-
-def test_deit_prepbn_folds_away_on_onnxruntime(tmp_path_factory, deit_dir):
-    run = finished_run(tmp_path_factory, "hf-deit", recipe("hf-deit", deit_dir, DEIT_STAGES)) / "run"
-    report = json.loads((run / "report.json").read_text())
-    reparam_metric = next(s for s in report["stages"] if s["kind"] == "reparam")["metric"]["value"]
-    assert reparam_metric >= report["baseline"]["metric"]["value"] - 0.05
-    ops = [n.op_type for n in onnx.load(str(run / "artifacts" / "onnx" / "model.onnx")).graph.node]
-    assert "LayerNormalization" not in ops and "BatchNormalization" not in ops  # every norm folded away
-    (art,) = [a for a in report["artifacts"] if a["name"] == "onnx"]
-    assert art["parity"]["sqnr_db"] >= 40 and art["parity"]["top1_agreement"] == 1.0
-    assert abs(art["metric"]["value"] - reparam_metric) <= 1 / art["metric"]["samples"]
-
-
-def test_pruned_deit_lowers_to_executorch_xnnpack(deit_dir, tmp_path):
-    """A head-pruned DeiT (normalization affine, distillation token and head) lowered to XNNPACK."""
+def test_pruned_deit_folds_prepbn_and_lowers_to_executorch_xnnpack(deit_dir, tmp_path):
+    """A head-pruned DeiT (normalization affine, distillation token and head) with PRepBN at lam 0:
+    the folded model has no norm left, equals the PRepBN model, and lowers to XNNPACK with every
+    LayerNorm gone from the portable-kernel side."""
     pytest.importorskip("executorch", reason="extra executorch: pip install 'edgeprep[executorch]'")
     from edgeprep.exporters.executorch import ExecuTorchExporter, ExecuTorchOptions, ExecuTorchRuntime
     from edgeprep.pruning.bert import prune_bert_heads
+    from edgeprep.reparam.fold import export_form
+    from edgeprep.reparam.norms import PRepBN
+    from edgeprep.reparam.surgery import reparam_model
 
     model = load_model(ModelConfig(source=str(deit_dir))).module
     prune_bert_heads(model, "model.deit.encoder.layer.0", [0, 3])
+    reparam_model(model, "prepbn", "keep", 0, 0)  # lam = 0 at once: the folded form exists
+    model.train()
+    with torch.no_grad():
+        for seed in range(4):  # BatchNorm running statistics from a few batches
+            model(pixels(32, seed=10 + seed))
+    model.eval()
     x = pixels(1)
-    artifact = ExecuTorchExporter().export(model, (x,), tmp_path / "et", ExecuTorchOptions())
+    folded = export_form(model, (x,))
+    assert not [m for m in folded.modules() if isinstance(m, (torch.nn.LayerNorm, PRepBN))]
+    assert sum(isinstance(m, PRepBN) for m in model.modules()) == 3 * 2 + 1
+    with torch.no_grad():
+        expected = model(x)
+        assert (folded(x) - expected).abs().max().item() < 1e-4
+    artifact = ExecuTorchExporter().export(folded, (x,), tmp_path / "et", ExecuTorchOptions())
     outside = artifact.info["xnnpack"]["ops_outside_delegates"]
-    # the matmuls, the patch Conv and the softmax run in XNNPACK; LayerNorm, the token expands and
-    # the CLS / distillation selects stay on portable kernels (as for edgeprep's own ViT)
+    # the matmuls, the patch Conv and the softmax run in XNNPACK; the token expands and the CLS /
+    # distillation selects stay on portable kernels, and with PRepBN folded no LayerNorm does
+    assert "native_layer_norm" not in outside, outside
     assert not [op for op in outside if any(k in op for k in ("linear", "mm", "conv", "softmax", "gelu"))], outside
     got = ExecuTorchRuntime().load(artifact, threads=1).run([x.numpy()])[0]
-    with torch.no_grad():
-        assert float(abs(got - model(x).numpy()).max()) < 1e-4
+    assert float(abs(got - expected.numpy()).max()) < 1e-4
