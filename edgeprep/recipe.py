@@ -396,7 +396,7 @@ class Recipe(Strict):
 
             for i, e in enumerate(self.export):
                 if e.target in TORCH_EXPORT_TARGETS:
-                    raise ValueError(f"export.{i}: target {e.target} cannot take the int8 QAT model of stages.{qat_at} "
+                    raise ValueError(f"export.{i}: target {e.target} cannot take the QAT model of stages.{qat_at} "
                                      f"yet; {QAT_TORCH_EXPORT_FIX}")
         if sla_at is not None and qat_at is not None:
             raise ValueError(f"stages.{qat_at}: qat after reparam with attention: sla (stages.{sla_at}) is not "

@@ -49,22 +49,22 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
 
 
-# Targets whose export goes through torch.export and cannot take a QAT (fake-quant int8) model yet.
+# Targets whose export goes through torch.export and cannot take a QAT (fake-quant) model yet.
 TORCH_EXPORT_TARGETS = ("executorch", "litert")
 QAT_TORCH_EXPORT_FIX = ("export the float model from before the qat stage instead (a recipe's `int8: true` adds the "
                         "target's own int8 PTQ), or export this one to onnx, tensorrt or coreml, which carry the QAT "
-                        "int8 numbers")
+                        "numbers")
 
 
 def refuse_qat_model(model: Any, target: str) -> None:
     """One clear line instead of torch.export's data-dependent-guard trace: the fake quantizers'
     calibration branch and scale checks read tensors, which torch.export cannot trace, and lowering
-    the QAT numbers onto ExecuTorch's / LiteRT's int8 kernels is not built. (A binarized model exports to ExecuTorch:
-    their binarizers have a branch-free inference form.)"""
+    the QAT numbers onto ExecuTorch's / LiteRT's integer kernels is not built. (A binarized model
+    exports to ExecuTorch: its binarizers have a branch-free inference form.)"""
     from edgeprep.quant.linear import QuantLinear
 
     if any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise BadInputError(f"{target}: a QAT (int8 fake-quant) model cannot be exported to {target} yet; "
+        raise BadInputError(f"{target}: a QAT (fake-quant) model cannot be exported to {target} yet; "
                             + QAT_TORCH_EXPORT_FIX)
 
 

@@ -36,9 +36,9 @@ RECIPE_CASES = [
      [], "onnx-ptq-dynamic"),
     ("ptq-on-ort-mobile", GOOD + "export:\n  - {target: ort-mobile, ptq: [static]}\n", [], "onnx only"),
     ("qat-to-executorch", GOOD + "stages:\n  - {kind: qat}\nexport:\n  - {target: onnx}\n  - {target: executorch}\n",
-     [], "export.1: target executorch cannot take the int8 QAT model of stages.0"),
+     [], "export.1: target executorch cannot take the QAT model of stages.0"),
     ("qat-to-litert", GOOD + "stages:\n  - {kind: qat}\nexport:\n  - {target: litert}\n",
-     [], "export.0: target litert cannot take the int8 QAT model"),
+     [], "export.0: target litert cannot take the QAT model"),
 ]
 
 
@@ -122,5 +122,5 @@ def test_qat_checkpoint_to_a_torch_export_target_is_refused_before_writing(tmp_p
     proc = run_cli("export", str(tmp_path / "ckpt"), "-t", target, "-o", str(tmp_path / "out"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = stderr_lines(proc)
-    assert len(lines) == 1 and f"a QAT (int8 fake-quant) model cannot be exported to {target}" in lines[0], lines
+    assert len(lines) == 1 and f"a QAT (fake-quant) model cannot be exported to {target}" in lines[0], lines
     assert not (tmp_path / "out").exists()
