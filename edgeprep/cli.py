@@ -44,10 +44,15 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
         quiet: bool = typer.Option(False, "--quiet", help="No progress output.")) -> None:
     """Run a recipe: stages, export, on-runtime validation, gates, report."""
-    from edgeprep.pipeline import RunOptions, run_recipe
+    from edgeprep.recipe import load_recipe
     from edgeprep.recipes_index import resolve_recipe
 
     path = resolve_recipe(recipe)
+    # A bad recipe is reported before the pipeline imports torch and the runtimes (~3 s): the user
+    # waits a fraction of a second for the one-line error. run_recipe loads it again (cheap).
+    load_recipe(path)
+    from edgeprep.pipeline import RunOptions, run_recipe
+
     log = (lambda m: None) if (quiet or as_json) else (lambda m: err.print(f"[dim]›[/dim] {escape(m)}"))
     report = run_recipe(path, RunOptions(out_dir=out_dir, resume=resume, force=force,
                                          trust_pickle=trust_pickle, progress=not (quiet or as_json), log=log))
