@@ -29,6 +29,7 @@ from edgeprep.data import BUILTIN_SOURCES
 from edgeprep.errors import BadInputError, EdgeprepError, RuntimeFailure
 from edgeprep.fsutil import write_json_atomic, write_text_atomic
 from edgeprep.manifest import load_artifact, write_manifest
+from edgeprep.measure.host import host_cpu
 from edgeprep.measure.metrics import extra_metrics, metric_for, torch_outputs
 from edgeprep.models.hf import runtime_inputs
 from edgeprep.recipe import Recipe, load_recipe
@@ -345,7 +346,9 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
         "edgeprep_version": __version__,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_threads": torch.get_num_threads()},
+                    "cpu_threads": torch.get_num_threads(),
+                    # int8 kernels differ per CPU family: every number below was measured on this CPU
+                    "cpu": host_cpu()},
         "model": {"name": state.model_name, "params": count_params(model),
                   "macs": count_macs(model, (state.example_inputs[0][:1],))},
         "baseline": {"metric": {"name": metric_name, "value": baseline_value},

@@ -64,12 +64,15 @@ def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray | Sequence[np
     the gates and the report show the gap instead of hiding it."""
     from edgeprep.exporters import get_runtime
 
-    usable, why = get_runtime(artifact.runtime).usable_here()
+    runtime = get_runtime(artifact.runtime)
+    usable, why = runtime.usable_here()
     if not usable:
-        return {"parity": None, "metric": None, "latency_ms": None, "precision": None, "not_run": why}
+        return {"parity": None, "metric": None, "latency_ms": None, "precision": None, "not_run": why,
+                "runtime_version": runtime.version()}
     loaded = load_runtime(artifact, threads=threads)
     outputs = run_batched(loaded, ref_inputs)
-    entry: dict[str, Any] = {"parity": parity_of(ref_outputs, outputs)}
+    # provenance: int8 kernels differ per runtime release (and per CPU: report.json's machine.cpu)
+    entry: dict[str, Any] = {"runtime_version": runtime.version(), "parity": parity_of(ref_outputs, outputs)}
     if task == "embedding":  # per-sentence agreement with the PyTorch model; top-1 of embedding dims means nothing
         from edgeprep.measure.embedding import cosines
 

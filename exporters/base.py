@@ -160,3 +160,12 @@ class Runtime(ABC):
     def usable_here(self) -> tuple[bool, str]:
         """(usable, reason) for `edgeprep doctor`; default: usable when the package imports."""
         return True, ""
+
+    def version(self) -> str | None:
+        """The runtime package's version, recorded beside every number measured with it (kernels
+        change between releases). Read from the module when it is already imported (what really
+        ran), else from the installed distribution, so asking never imports a heavy runtime."""
+        import sys
+
+        loaded = sys.modules.get(self.package)
+        return getattr(loaded, "__version__", None) or package_version(self.package)
