@@ -58,10 +58,24 @@ def write_manifest(artifact: Artifact, *, task: str, ref_inputs: Sequence[np.nda
         "info": dict(artifact.info),
         "reference": {"file": REFERENCE_NAME, "task": task, "samples": int(len(ref_inputs[0])),
                       "sha256": sha256_file(artifact.dir / REFERENCE_NAME)},
+        "exported_on": exported_on(artifact.runtime),
         **dict(extra or {}),
     }
     write_json_atomic(artifact.dir / MANIFEST_NAME, manifest)
     return artifact.dir / MANIFEST_NAME
+
+
+def exported_on(runtime: str) -> dict[str, Any]:
+    """The exporting host's CPU and the version of the runtime the export was checked on: a
+    self-check that passed on an AVX-512 VNNI host says little about an AVX2-only one."""
+    from edgeprep.exporters import get_runtime
+    from edgeprep.measure.host import host_cpu
+
+    try:
+        version = get_runtime(runtime).version()
+    except BadInputError:  # an artifact of a runtime this edgeprep does not know: no version to give
+        version = None
+    return {"cpu": host_cpu(), "runtime": runtime, "runtime_version": version}
 
 
 def read_manifest(artifact_dir: Path) -> dict[str, Any]:
