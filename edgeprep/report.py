@@ -67,6 +67,7 @@ class Document:
     passed: Optional[bool]
     headline: str  # one line: PASSED / FAILED and why
     sections: list[Section]
+    machine: str = ""  # one line under the headline: the CPU, runtime versions and threads measured with
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -173,7 +174,30 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
         *device_sections(arts),  # none without validate.devices
         _files_section(arts),
     ]
-    return Document(f"edgeprep report: {_text(report.get('recipe'))}", passed, headline, sections)
+    return Document(f"edgeprep report: {_text(report.get('recipe'))}", passed, headline, sections,
+                    machine_line(report))
+
+
+def machine_line(report: Mapping[str, Any]) -> str:
+    """"Measured on AMD EPYC (x86_64: avx, avx2, ...), 2 cores; onnxruntime 1.32.0; 1 thread": a
+    parity or latency number means little without the CPU family and runtime release that made it
+    (int8 kernels differ per CPU). Empty when the report names none of them."""
+    from edgeprep.measure.host import cpu_label
+
+    machine = report.get("machine") if isinstance(report.get("machine"), Mapping) else {}
+    cpu = machine.get("cpu") or machine.get("processor")
+    parts = []
+    if cpu:
+        cores = _get(cpu, "cores")
+        parts.append(cpu_label(cpu, all_flags=True) + (f", {cores} cores" if cores else ""))
+    arts = [a for a in report.get("artifacts") or [] if isinstance(a, Mapping)]
+    runtimes = sorted({f"{a['runtime']} {a.get('runtime_version') or '(version not recorded)'}"
+                       for a in arts if a.get("runtime")})
+    parts += runtimes
+    threads = sorted({int(t) for a in arts if (t := as_number(_get(a, "latency_ms", "threads"))) is not None})
+    if threads:
+        parts.append(f"{', '.join(map(str, threads))} thread{'s' if threads != [1] else ''}")
+    return ("Measured on " + "; ".join(parts)) if parts else ""
 
 
 def _kv_table(pairs: list[tuple[str, str]]) -> Table:
@@ -185,7 +209,10 @@ def _run_section(report: Mapping[str, Any]) -> Section:
              ("edgeprep version", _text(report.get("edgeprep_version"))), ("schema", _text(report.get("schema")))]
     machine = report.get("machine")
     if isinstance(machine, Mapping):
-        pairs += [(f"machine.{k}", _text(v)) for k, v in machine.items()]
+        from edgeprep.measure.host import cpu_label
+
+        pairs += [(f"machine.{k}", cpu_label(v, all_flags=True) if k == "cpu" and isinstance(v, Mapping) else _text(v))
+                  for k, v in machine.items()]
     return Section("Run", _kv_table(pairs), compact=True)
 
 
@@ -331,6 +358,8 @@ def _md_section(sec: Section, level: int, plot_relpath: str) -> list[str]:
 
 def render_markdown(doc: Document, plot_relpath: str = PLOT_RELPATH) -> str:
     out = [f"# {_md_cell(doc.title)}", "", f"**{_md_cell(doc.headline)}**", ""]
+    if doc.machine:
+        out += [_md_cell(doc.machine), ""]
     for sec in doc.sections:
         out += _md_section(sec, 2, plot_relpath)
     return "\n".join(out).rstrip() + "\n"

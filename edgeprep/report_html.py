@@ -41,6 +41,7 @@ tr.fail td { background: var(--fail-bg); color: var(--fail); }
 td.verdict { font-weight: 700; }
 tr.pass td.verdict { color: var(--pass); }
 p.note { color: #4b5563; margin: 6px 0; }
+p.machine { color: #374151; margin: 8px 0 0; font-size: 13px; }
 img.plot { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
 """
 
@@ -109,6 +110,7 @@ def render_html(doc: "Document", plot_png: Optional[bytes], images: Optional[Map
     if group:
         parts.append(f'<div class="row">{"".join(group)}</div>')
     sections = "\n".join(parts)
+    machine = f'<p class="machine">{_e(doc.machine)}</p>' if doc.machine else ""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -120,6 +122,7 @@ def render_html(doc: "Document", plot_png: Optional[bytes], images: Optional[Map
 <body>
 <h1>{_e(doc.title)}</h1>
 <div class="banner {status}">{_e(doc.headline)}</div>
+{machine}
 {sections}
 </body>
 </html>

@@ -165,6 +165,31 @@ def test_missing_measurements_render_as_dashes(tmp_path, sample):
     assert "onnx not plotted: metric and p50 latency not measured." in md
 
 
+def test_machine_line_names_cpu_flags_runtime_and_threads(tmp_path, sample):
+    sample["machine"] = {"python": "3.11.7", "cpu": {"model": "AMD EPYC 7B12", "arch": "x86_64",
+                                                     "isa": ["avx", "avx2", "fma"], "cores": 4}}
+    for a in sample["artifacts"]:
+        a["runtime_version"] = "1.32.0"
+    sample["artifacts"][0]["latency_ms"]["threads"] = 4
+    paths = write_reports(tmp_path, sample)
+    md, html = paths["md"].read_text(), paths["html"].read_text()
+    line = "Measured on AMD EPYC 7B12 (x86_64: avx, avx2, fma), 4 cores; onnxruntime 1.32.0; 1, 4 threads"
+    # right under the verdict, as a plain paragraph (no table, so the Markdown stays valid GFM)
+    assert f"**FAILED: 1 of 2 gate(s) failed: max_latency_ms_p90 (onnx)**\n\n{line}\n\n## Gates" in md
+    assert f'<div class="banner fail">FAILED: 1 of 2 gate(s) failed: max_latency_ms_p90 (onnx)</div>\n' \
+           f'<p class="machine">{line}</p>' in html
+    assert "| machine.cpu | AMD EPYC 7B12 (x86_64: avx, avx2, fma) |" in md  # the Run table: a label, not a dict
+    assert json.loads(paths["json"].read_text()) == sample
+
+
+def test_machine_line_of_an_older_report(tmp_path, sample):
+    md = write_reports(tmp_path, sample)["md"].read_text()  # machine.cpu was a plain string, no runtime_version
+    assert "\nMeasured on x86_64; onnxruntime (version not recorded); 1 thread\n" in md
+    sample["machine"] = {"cpu": {"model": "A | B", "arch": "aarch64", "isa": [], "cores": None}}
+    md = write_reports(tmp_path, sample)["md"].read_text()
+    assert "\nMeasured on A \\| B (aarch64: no kernel-relevant ISA flags); onnxruntime" in md  # a "|" is escaped
+
+
 def test_minimal_report_does_not_crash(tmp_path):
     report = {"schema": REPORT_SCHEMA, "recipe": "empty"}
     paths = write_reports(tmp_path, report)
