@@ -1,4 +1,4 @@
-"""`edgeprep doctor`: each runtime / extra: installed?, version, usable here?"""
+"""`edgeprep doctor`: each runtime / extra: installed?, version, usable here?; and this CPU's ISA flags."""
 from __future__ import annotations
 
 import importlib
@@ -85,7 +85,19 @@ def diagnose() -> list[dict]:
                 row["note"] = f"installed but fails: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
         rows.append(row)
     rows.append(_ssh_row())
+    rows.append(_cpu_row())
     return rows
+
+
+def _cpu_row() -> dict:
+    """This machine's CPU and its kernel-relevant ISA flags: int8 kernels (and so parity and
+    latency) differ per CPU family, e.g. AVX2-only vs AVX-512 VNNI."""
+    from edgeprep.measure.host import cpu_label, host_cpu
+
+    cpu = host_cpu()
+    return {"name": "cpu", "installed": True, "version": None, "extra": None,
+            "targets": "all (int8 kernels differ per CPU family)", "usable": True,
+            "note": f"{cpu_label(cpu, all_flags=True)}, {cpu['cores']} cores", "cpu": cpu}
 
 
 def _ssh_row() -> dict:

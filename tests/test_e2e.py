@@ -30,6 +30,13 @@ def test_report_schema_and_numbers(fast_run):
         lat = a["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
         assert lat["iters"] == 30 and lat["batch"] == 1 and lat["threads"] == 1
+    # provenance: this host's CPU and flags, and the runtime release every artifact was measured with
+    import onnxruntime
+
+    from edgeprep.measure.host import host_cpu
+
+    assert report["machine"]["cpu"] == host_cpu()
+    assert {a["runtime_version"] for a in names.values()} == {onnxruntime.__version__}
     fp32 = names["onnx"]
     assert fp32["role"] == "edgeprep"
     assert fp32["parity"]["sqnr_db"] is None or fp32["parity"]["sqnr_db"] >= 40  # measured ~ 110+ dB
@@ -49,6 +56,7 @@ def test_report_schema_and_numbers(fast_run):
     assert "QLinearMatMul" in op_types and "MatMul" not in op_types
     for f in ("report.md", "report.html", "recipe.yaml"):
         assert (fast_run / f).is_file()
+    assert f"\nMeasured on {host_cpu()['model']} (" in (fast_run / "report.md").read_text()
 
 
 def test_runtime_tests_pass_on_the_run(fast_run):
@@ -77,6 +85,13 @@ def test_validate_uses_the_manifest_expectation(fast_run, tmp_path):
     assert manifest["expect"] == {"min_sqnr_db": 40.0, "max_metric_drop": 0.01}
     peer = json.loads((fast_run / "artifacts" / "onnx-ptq-static" / "manifest.json").read_text())
     assert peer["expect"] == {}
+    import onnxruntime
+
+    from edgeprep.measure.host import host_cpu
+
+    for m in (manifest, peer):  # where and with what each artifact was exported and self-checked
+        assert m["exported_on"] == {"cpu": host_cpu(), "runtime": "onnxruntime",
+                                    "runtime_version": onnxruntime.__version__}
     art = tmp_path / "strict"
     shutil.copytree(fast_run / "artifacts" / "onnx-ptq-static", art)
     m = json.loads((art / "manifest.json").read_text())
@@ -158,6 +173,9 @@ def test_listings_and_doctor(tmp_path):
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert rows["onnxruntime"]["installed"] and rows["onnxruntime"]["usable"]
     assert "ran a test graph" in rows["onnxruntime"]["note"]
+    from edgeprep.measure.host import cpu_label, host_cpu
+
+    assert rows["cpu"]["cpu"] == host_cpu() and rows["cpu"]["note"].startswith(cpu_label(host_cpu(), all_flags=True))
     if not rows["tensorrt"]["installed"]:
         assert "edgeprep[tensorrt]" in rows["tensorrt"]["note"]
     import shutil
