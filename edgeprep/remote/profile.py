@@ -7,6 +7,12 @@ The entry this returns goes into report.json under the artifact, in ``"devices"`
    "parity": {sqnr_db, max_abs, top1_agreement} | null, "metric": {name, value, samples} | null}
 Latency percentiles are computed here from the device's raw per-call samples with the same code
 as on the host (measure/latency.py), so the two are comparable.
+
+An emu:// device's entry adds "emulated": true, "family", "qemu": {binary, version, cpu},
+"latency_is_timing": false and "latency_note"; its description names the emulated CPU model and its
+ISA flags ("cpu", "isa", "emulated_by"), the CPU the runner saw (the host's, on x86) in "runner_cpu".
+Its latency is QEMU's translation speed, kept for completeness and never gated. ssh:// entries say
+"emulated": false. A `native` entry (native_entry) is the host's own measurement, not a new run.
 """
 from __future__ import annotations
 
@@ -17,12 +23,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from edgeprep.measure.latency import summarize_ns
-from edgeprep.remote.session import run_on_device
-from edgeprep.remote.ssh import Device
+from edgeprep.remote.emulate import (EMULATED_ITERS, EMULATED_WARMUP, LATENCY_NOTE, EmulatedDevice,
+                                     NativeDevice)
+from edgeprep.remote.session import AnyDevice, run_on_device
 from edgeprep.types import Artifact
 
 
-def device_entry(artifact: Artifact, device: Device, *, ref_inputs: Sequence[np.ndarray],
+def device_entry(artifact: Artifact, device: AnyDevice, *, ref_inputs: Sequence[np.ndarray],
                  ref_outputs: Optional[np.ndarray], labels: Optional[np.ndarray], task: Optional[str],
                  warmup: int, iters: int, threads: int, batch: int,
                  log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
@@ -30,6 +37,9 @@ def device_entry(artifact: Artifact, device: Device, *, ref_inputs: Sequence[np.
     ``ref_outputs`` (when given), the task metric on
     ``labels`` (when given), latency percentiles and memory, and the device's description."""
     parity_wanted = ref_outputs is not None or labels is not None
+    emulated = isinstance(device, EmulatedDevice)
+    if emulated:  # not a timing: a few calls prove the runner works, more only cost time
+        warmup, iters = min(warmup, EMULATED_WARMUP), min(iters, EMULATED_ITERS)
     res = run_on_device(artifact, device, list(ref_inputs), warmup=warmup, iters=iters, threads=threads,
                         batch=batch, parity=parity_wanted, log=log)
     stats = summarize_ns(res.samples_ns, warmup=warmup, threads=threads, batch=res.batch)
@@ -39,7 +49,14 @@ def device_entry(artifact: Artifact, device: Device, *, ref_inputs: Sequence[np.
         "runtime": {"package": res.runtime_package, "version": res.runtime_version},
         "latency_ms": stats.to_report(), "load_ms": res.load_ms,
         "memory": {"peak_rss_bytes": res.peak_rss_bytes, "rss_before_load_bytes": res.rss_before_load_bytes},
-        "parity": None, "metric": None}
+        "parity": None, "metric": None, "emulated": emulated}
+    if emulated and res.emulation is not None:
+        emu, fam = res.emulation, device.family
+        entry.update(family=fam.name, latency_is_timing=False, latency_note=LATENCY_NOTE,
+                     qemu={"binary": str(emu.qemu), "version": emu.qemu_version, "cpu": fam.qemu_cpu})
+        entry["description"] = {**res.description, "cpu": fam.cpu_model, "isa": emu.isa,
+                                "emulated_by": f"qemu-{fam.arch} {emu.qemu_version} -cpu {fam.qemu_cpu}",
+                                "runner_cpu": res.description.get("cpu")}
     if ref_outputs is not None:
         from edgeprep.measure.parity import parity
 
@@ -52,7 +69,24 @@ def device_entry(artifact: Artifact, device: Device, *, ref_inputs: Sequence[np.
     return entry
 
 
-def profile_artifact_on_device(path: Path, device: Device, *, warmup: int, iters: int, threads: int, batch: int,
+def native_entry(device: NativeDevice, host_entry: dict[str, Any]) -> dict[str, Any]:
+    """`native` in validate.devices: the artifact's own host measurement, listed as a device (not run
+    again), with this host's CPU and ISA flags, so a recipe can name the set of families it covers."""
+    import platform
+
+    from edgeprep.remote.emu_cache import host_isa
+    from edgeprep.remote.runner import describe_device
+
+    return {"device": device.label, "url": device.url, "native": True, "emulated": False,
+            "description": {**describe_device(), "isa": host_isa()},
+            "runtime": {"package": host_entry.get("runtime"), "version": None},
+            "latency_ms": host_entry.get("latency_ms"), "parity": host_entry.get("parity"),
+            "metric": host_entry.get("metric"), "not_run": host_entry.get("not_run"),
+            "note": f"this host ({platform.machine()}): the artifact's own measurement, not run again; its gates "
+                    "are the artifact's"}
+
+
+def profile_artifact_on_device(path: Path, device: AnyDevice, *, warmup: int, iters: int, threads: int, batch: int,
                                seq_len: int = 128,
                                log: Callable[[str], None] = lambda m: None) -> tuple[Artifact, dict[str, Any]]:
     """``edgeprep profile ARTIFACT --device``: an artifact directory brings its reference inputs and

@@ -1,10 +1,12 @@
-"""Host side of on-device profiling: one SSH session per artifact and device.
+"""Host side of on-device profiling: one session per artifact and device, over SSH (ssh://) or
+under QEMU on this host (emu://, emulate.py).
 
 The session sends runner.py, then the artifact, the reference inputs and a job; it reads back the
 device's description, latency samples, memory and outputs (see runner.py for the protocol). One
 connection does everything, so the device's work dir lives exactly as long as the connection: the
 runner deletes it when it finishes, fails, or sees the connection drop. If the host gives up first
-(timeout), it kills ssh, which ends the connection and with it the runner.
+(timeout), it kills ssh, which ends the connection and with it the runner. An emulated runner is
+the same program on the same protocol; only the spawned command line differs (spawn_argv).
 """
 from __future__ import annotations
 
@@ -15,19 +17,24 @@ import posixpath
 import queue
 import re
 import shlex
+import shutil
 import struct
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from edgeprep.errors import BadInputError, EdgeprepError, MissingDependencyError, RuntimeFailure
+from edgeprep.remote.emu_cache import Prepared, clean_stderr
+from edgeprep.remote.emulate import EmulatedDevice
 from edgeprep.remote.ssh import Device, DeviceUnreachableError, classify, ssh_argv
 from edgeprep.types import Artifact
+
+AnyDevice = Union[Device, EmulatedDevice]
 
 RUNNER = Path(__file__).with_name("runner.py")
 # What the device's Python runs first: read the runner's source from stdin and execute it. The
@@ -65,6 +72,7 @@ class RemoteResult:
     rss_before_load_bytes: Optional[int]
     workdir: str
     cleaned: bool
+    emulation: Optional[Prepared] = None  # the QEMU set-up an emu:// device ran under
 
 
 def payload_files(artifact: Artifact) -> list[tuple[str, Path]]:
@@ -102,27 +110,30 @@ def _frame(payload: bytes) -> bytes:
 
 
 class _Session:
-    """One ssh process speaking the runner's protocol; lines from its stdout arrive on a queue.
+    """One spawned runner (``ssh`` to a device, or QEMU here) speaking the runner's protocol; lines
+    from its stdout arrive on a queue.
 
-    The whole session has one deadline: a timer kills ssh when it passes, whatever the host is
-    doing then (waiting for an event, or blocked writing the artifact to a slow link)."""
+    ``argv`` is the command line to spawn: ssh's for an ssh:// device, QEMU's + the guest Python's
+    for an emu:// one (spawn_argv). Either way the process's stdin / stdout carry the protocol.
+    The whole session has one deadline: a timer kills the process when it passes, whatever the host
+    is doing then (waiting for an event, or blocked writing the artifact to a slow link)."""
 
-    def __init__(self, device: Device, runtime: str, log: Callable[[str], None], timeout_s: float):
+    def __init__(self, device: AnyDevice, argv: Sequence[str], source: bytes, log: Callable[[str], None],
+                 timeout_s: float, env: Optional[dict[str, str]] = None):
         self.device, self.log = device, log
+        self.over_ssh = isinstance(device, Device)
         self.started = time.monotonic()
         self.expired = False
         self.saw_bye = False  # the runner reported its dir removed (or never made one)
-        source = RUNNER.read_bytes()
-        # remote_python is the user's shell fragment (unquoted: "~/venv/bin/python" must expand there);
-        # everything edgeprep adds is quoted
-        command = device.remote_python + " " + shlex.join(["-u", "-c", BOOTSTRAP, str(len(source)), runtime,
-                                                           device.remote_tmp or ""])
         try:
-            self.proc = subprocess.Popen(ssh_argv(device, command), stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, env=env)
         except FileNotFoundError:
-            raise DeviceDependencyError("the OpenSSH client `ssh` is not installed on this machine; install it "
-                                        "(Debian/Ubuntu: apt-get install openssh-client)") from None
+            if self.over_ssh:
+                raise DeviceDependencyError("the OpenSSH client `ssh` is not installed on this machine; install it "
+                                            "(Debian/Ubuntu: apt-get install openssh-client)") from None
+            raise DeviceDependencyError(f"device {device.label}: {argv[0]} is gone; rerun `edgeprep devices setup` "
+                                        "or apt-get install qemu-user-static mmdebstrap") from None
         self.events: "queue.Queue[Optional[dict[str, Any]]]" = queue.Queue()
         self.stderr: list[bytes] = []
         threading.Thread(target=self._read_stdout, daemon=True).start()
@@ -135,7 +146,7 @@ class _Session:
 
     def _expire(self) -> None:
         self.expired = True
-        self.proc.kill()  # ends the connection; the runner on the device sees it and removes its dir
+        self.proc.kill()  # ends the connection (or QEMU); an ssh runner sees it and removes its dir
 
     def _read_stdout(self) -> None:
         for line in self.proc.stdout:
@@ -171,14 +182,14 @@ class _Session:
             if self.expired:
                 raise self._timed_out(phase)
             self._stderr_reader.join(timeout=10)  # all of ssh's message, not a prefix of it
-            stderr = b"".join(self.stderr).decode(errors="replace")
+            stderr = clean_stderr(b"".join(self.stderr).decode(errors="replace"))  # minus QEMU's TCG warnings
             code = self.proc.returncode
-            if code == 255:  # ssh's own failure; anything else is the remote command's exit status
+            if code == 255 and self.over_ssh:  # ssh's own failure; anything else is the remote command's status
                 raise classify(self.device, stderr, phase)
             lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
             why = f" (killed by signal {code - 128}{': out of memory?' if code == 137 else ''})" if code > 128 else ""
-            hint = ("; check that --remote-python names the device's Python 3.8 or newer" if phase == "connecting"
-                    else "")
+            hint = ("; check that --remote-python names the device's Python 3.8 or newer"
+                    if phase == "connecting" and self.over_ssh else "")
             raise RuntimeFailure(f"device {self.device.label}: {phase}: the runner ({self.device.remote_python}) "
                                  f"ended with exit status {code}{why}{': ' + lines[-1] if lines else ''}{hint}")
         self.saw_bye = self.saw_bye or event["event"] == "bye"
@@ -201,6 +212,21 @@ class _Session:
         self.proc.wait()
 
 
+def runner_args(source: bytes, runtime: str, remote_tmp: Optional[str]) -> list[str]:
+    """The Python arguments that start the runner: bootstrap, then read ``source`` from stdin."""
+    return ["-u", "-c", BOOTSTRAP, str(len(source)), runtime, remote_tmp or ""]
+
+
+def spawn_argv(device: AnyDevice, source: bytes, runtime: str, emulation: Optional[Prepared]) -> list[str]:
+    """The command line that starts the runner on ``device``."""
+    if isinstance(device, EmulatedDevice):
+        assert emulation is not None
+        return emulation.argv(*runner_args(source, runtime, device.remote_tmp))
+    # remote_python is the user's shell fragment (unquoted: "~/venv/bin/python" must expand there);
+    # everything edgeprep adds is quoted
+    return ssh_argv(device, device.remote_python + " " + shlex.join(runner_args(source, runtime, device.remote_tmp)))
+
+
 WORKDIR_NAME = re.compile(r"edgeprep-[A-Za-z0-9_]+")  # what the runner's mkdtemp makes
 
 
@@ -220,17 +246,39 @@ def remove_remote_dir(device: Device, workdir: str) -> tuple[bool, str]:
     return False, lines[-1] if lines else f"exit status {done.returncode}"
 
 
-def run_on_device(artifact: Artifact, device: Device, inputs: Sequence[np.ndarray], *, warmup: int, iters: int,
+def remove_local_dir(workdir: str) -> tuple[bool, str]:
+    """remove_remote_dir for an emulated runner: QEMU user mode shares this host's file system."""
+    if not WORKDIR_NAME.fullmatch(posixpath.basename(workdir)):
+        return False, f"{workdir!r} is not a runner work dir"
+    shutil.rmtree(workdir, ignore_errors=True)
+    return (not Path(workdir).exists()), "still there"
+
+
+def supported_runtimes(device: AnyDevice) -> tuple[str, ...]:
+    return device.family.runtimes if isinstance(device, EmulatedDevice) else tuple(sorted(INSTALL_HINT))
+
+
+def run_on_device(artifact: Artifact, device: AnyDevice, inputs: Sequence[np.ndarray], *, warmup: int, iters: int,
                   threads: int, batch: int, parity: bool = True,
                   log: Callable[[str], None] = lambda m: None) -> RemoteResult:
     """Copy ``artifact`` to ``device``, run ``inputs`` through it (outputs come back when ``parity``),
-    time ``iters`` calls at ``batch`` rows, and remove everything from the device again."""
-    if artifact.runtime not in INSTALL_HINT:
-        raise BadInputError(f"{artifact.name}: profiling over SSH supports {', '.join(sorted(INSTALL_HINT))} "
+    time ``iters`` calls at ``batch`` rows, and remove everything from the device again. An emu://
+    device is prepared first (emu_cache.prepare: fetched once into the cache)."""
+    runtimes = supported_runtimes(device)
+    if artifact.runtime not in runtimes:
+        how = f"emulated {device.family.name}" if isinstance(device, EmulatedDevice) else "profiling over SSH"
+        raise BadInputError(f"{artifact.name}: {how} supports {', '.join(runtimes)} "
                             f"artifacts, not {artifact.runtime}; profile it on its host machine instead")
+    emulation = None
+    if isinstance(device, EmulatedDevice):
+        from edgeprep.remote.emu_cache import prepare
+
+        emulation = prepare(device.family, artifact.runtime, log)
     files = payload_files(artifact)
     npz = _npz_bytes(inputs)
-    session = _Session(device, artifact.runtime, log, timeout_s=device.timeout_s)
+    source = RUNNER.read_bytes()
+    session = _Session(device, spawn_argv(device, source, artifact.runtime, emulation), source, log,
+                       timeout_s=device.timeout_s, env=emulation.env() if emulation else None)
     hello: dict[str, Any] = {}
     try:
         # handshake, then the device's Python imports numpy and the runtime
@@ -255,7 +303,7 @@ def run_on_device(artifact: Artifact, device: Device, inputs: Sequence[np.ndarra
             raise
         # The runner never said goodbye: it died, or the connection did. It removes its own dir
         # when the connection drops; a runner that was killed cannot, so try once more from here.
-        removed, why = remove_remote_dir(device, workdir)
+        removed, why = (remove_local_dir(workdir) if emulation else remove_remote_dir(device, workdir))
         note = (f"removed {workdir} on the device" if removed else
                 f"could not confirm {workdir} is gone from the device ({why}); the runner deletes it when it "
                 "sees the connection drop, but check and remove it by hand if the device was still running")
@@ -268,7 +316,7 @@ def run_on_device(artifact: Artifact, device: Device, inputs: Sequence[np.ndarra
                         samples_ns=[int(s) for s in result["samples_ns"]], batch=int(result["batch"]),
                         outputs=outputs, load_ms=float(result["load_ms"]), peak_rss_bytes=result["peak_rss_bytes"],
                         rss_before_load_bytes=result["rss_before_load_bytes"], workdir=hello["workdir"],
-                        cleaned=bool(bye.get("cleaned")))
+                        cleaned=bool(bye.get("cleaned")), emulation=emulation)
 
 
 def _cancel(session: _Session, reason: str) -> None:
@@ -285,6 +333,11 @@ def _check_hello(session: _Session, hello: dict[str, Any], artifact: Artifact, f
     rt = hello["runtime"]
     if not rt["ok"]:
         _cancel(session, "runtime missing")
+        if not session.over_ssh:
+            raise DeviceDependencyError(
+                f"device {label}: {artifact.runtime} cannot be imported by {session.device.remote_python} "
+                f"({rt['error']}); x86 families run this Python: install it here ("
+                f"{INSTALL_HINT[artifact.runtime].replace('python3 -m ', '')}); arm64 ones: remove the cache dir and rerun `edgeprep devices setup`")
         raise DeviceDependencyError(
             f"device {label}: {artifact.runtime} cannot be imported by {session.device.remote_python} there "
             f"({rt['error']}); install it on the device: {INSTALL_HINT[artifact.runtime]}, or point "
