@@ -190,6 +190,9 @@ def qat(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
         smoothing: Optional[float] = typer.Option(
             None, help="SmoothQuant migration strength in (0, 1] for int8 Linear inputs (e.g. 0.85 for BERT)."),
         embeddings: str = typer.Option("float", help="Embedding tables: float | int8 (per-row int8 weights)."),
+        target_cpu: str = typer.Option(
+            "portable", help="CPU family the int8 artifact ships to: portable | x86-avx2 | x86-vnni | x86-sse4 | "
+                             "arm64 (portable / x86-avx2: int8 weights on [-63, 63], exact on every family)."),
         seed: int = typer.Option(0, help="Seed."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle")) -> None:
     """Quantization-aware training with Teacher Intervention, distilled from the checkpoint's model."""
@@ -199,7 +202,8 @@ def qat(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
     cfg = parse_stage_options(QatConfig, {
         "weights": weights, "activations": activations, "intervention": intervention,
         "intervention_steps": intervention_steps, "steps": steps, "label_loss": label_loss,
-        "smoothing": smoothing, "embeddings": embeddings, "train": {"lr": lr} if lr is not None else {}},
+        "smoothing": smoothing, "embeddings": embeddings, "target_cpu": target_cpu,
+        "train": {"lr": lr} if lr is not None else {}},
         where="edgeprep qat")
     entry = apply_stage(ckpt, output, cfg, seed=seed, trust_pickle=trust_pickle)
     note = entry["notes"][-1] if entry["notes"] else ""

@@ -175,6 +175,11 @@ class QatConfig(TrainingStageConfig):
     # int8: every nn.Embedding (under targets) gets per-row int8 weights (edgeprep.quant.embedding):
     # a sentence encoder's word-embedding table is most of its artifact's bytes
     embeddings: Literal["float", "int8"] = "float"
+    # The CPU family the int8 artifact ships to (edgeprep.quant.cpu_family). portable / x86-avx2:
+    # int8 weights on the [-63, 63] grid, exact on every family's int8 kernels (full-range weights
+    # saturate AVX2's U8S8 kernel); x86-vnni / x86-sse4 / arm64: the full [-127, 127] grid, exact
+    # there. Only int8 weights with int8 activations are affected.
+    target_cpu: Literal["portable", "x86-avx2", "x86-vnni", "x86-sse4", "arm64"] = "portable"
 
     @model_validator(mode="after")
     def _intervention(self) -> "QatConfig":
@@ -285,6 +290,11 @@ class ExportTargetConfig(Strict):
     binary_storage: Literal["packed1", "int2"] = "packed1"
     dynamic_sequence: bool = False  # token models: dim 1 of the inputs (sequence) is symbolic too
     residual_sum: bool = True  # onnx: residual Add -> LayerNorm as Sum (ORT's SkipLayerNorm fusion is slow)
+    # onnx: int8 Gemm / MatMul weights as trained (s8) or as uint8 + zero point 128 (u8: same numbers,
+    # exact on AVX2 x86 kernels without retraining, slower on VNNI; edgeprep.quant.cpu_family);
+    # u8_weight_layers: only these Linears as uint8 (the fix a failed parity check names)
+    int8_weights: Literal["s8", "u8"] = "s8"
+    u8_weight_layers: list[str] = Field(default_factory=list)
     # executorch / litert options
     static_batch: int = Field(1, ge=1)  # edge programs run one fixed input shape
     # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer; litert: ai-edge-quantizer;

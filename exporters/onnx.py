@@ -30,6 +30,7 @@ from edgeprep.fsutil import sha256_file
 from edgeprep.manifest import describe_file
 from edgeprep.quant.export import exporting, is_quantized, quantization_summary
 from edgeprep.exporters.residual_sum import residual_adds_to_sum
+from edgeprep.quant.cpu_family import exact_families
 from edgeprep.quant.onnx_passes import finish_quantized_onnx
 from edgeprep.types import Artifact, TensorSpec
 
@@ -59,6 +60,10 @@ class OnnxOptions(ExportOptions):
     # residual Add -> LayerNormalization written as Sum, so ORT does not fuse it into its slow
     # SkipLayerNormalization kernel (edgeprep.exporters.residual_sum)
     residual_sum: bool = True
+    # int8 weights of integer Gemm / MatMul: "s8" as trained, or "u8" (uint8 + zero point 128, same
+    # numbers; exact on AVX2 x86 even for full-range weights, slower on VNNI: edgeprep.quant.cpu_family)
+    int8_weights: str = "s8"
+    u8_weight_layers: list[str] = Field(default_factory=list)  # only these Linears as uint8
 
 
 def _short(exc: BaseException) -> str:
@@ -363,6 +368,12 @@ class OnnxExporter(Exporter):
                 info = self._first_working(model, example, out_dir / MODEL_FILE, opts, external, keep)
                 if quantized:
                     info["quantization"] = quantization_summary(model)
+                    storage = "u8" if (info.get("quantized_graph") or {}).get("u8_weights") else "s8"
+                    partial = storage == "u8" and opts.int8_weights != "u8"
+                    info["quantization"].update(
+                        int8_weight_storage="mixed" if partial else storage,
+                        exact_on_cpu_families=exact_families(info["quantization"]["reduced_range"],
+                                                             "s8" if partial else storage))
         finally:
             model.train(was_training)
         path = out_dir / MODEL_FILE
@@ -388,7 +399,8 @@ class OnnxExporter(Exporter):
                     warns: list[str] = []
                 else:
                     warns = _export_torchscript(model, example, path, opts.opset, external, opts.dynamic_sequence)
-                passes = finish_quantized_onnx(path, model, opts.binary_storage) if is_quantized(model) else None
+                passes = (finish_quantized_onnx(path, model, opts.binary_storage, opts.int8_weights,
+                                                opts.u8_weight_layers) if is_quantized(model) else None)
                 residual_sums = residual_adds_to_sum(path) if opts.residual_sum else 0
                 check = _self_check(model, example, path, external, opts.optimize, keep, opts.dynamic_sequence)
                 if passes is not None:

@@ -84,13 +84,15 @@ def _targeted(name: str, targets: Sequence[str], ignore: Sequence[str]) -> bool:
 def quantize_model(model: nn.Module, weights: str, activations: str, *, targets: Sequence[str] = (),
                    ignore: Sequence[str] = (), linears: Optional[Sequence[str]] = None,
                    attentions: Optional[Sequence[str]] = None,
-                   embeddings: str | Sequence[str] = "float") -> dict[str, Any]:
+                   embeddings: str | Sequence[str] = "float", reduced_range: bool = False) -> dict[str, Any]:
     """Swap modules in place; returns the decision that replays it.
 
     ``linears`` / ``attentions`` (from a decision) name the modules exactly; otherwise every Linear
     and attention layer under ``targets`` and not under ``ignore`` is swapped. ``embeddings``:
     "float" (none), "int8" (every nn.Embedding under targets / not under ignore gets per-row int8
     weights, ``edgeprep.quant.embedding``), or the exact names (from a decision).
+    ``reduced_range``: int8 weights on the [-63, 63] grid (exact on every CPU family's int8
+    kernels, ``edgeprep.quant.cpu_family``); only with int8 weights and activations.
     """
     if weights not in WEIGHT_MODES:
         raise BadInputError(f"weights {weights!r} is not one of {', '.join(WEIGHT_MODES)}")
@@ -138,11 +140,14 @@ def quantize_model(model: nn.Module, weights: str, activations: str, *, targets:
         if not isinstance(module, nn.Linear):
             raise BadInputError(f"qat: {name!r} is a {type(module).__name__}, not an nn.Linear")
         if not isinstance(module, QuantLinear):
-            _set(model, name, QuantLinear.from_linear(module, weights=weights, activations=activations))
+            _set(model, name, QuantLinear.from_linear(module, weights=weights, activations=activations,
+                                                      reduced_range=reduced_range))
     decision = {"kind": QAT_KIND, "weights": weights, "activations": activations,
                 "linears": list(linears), "attentions": list(attentions)}
     if embeddings:  # only when used: older checkpoints' decisions stay byte-identical
         decision["embeddings"] = list(embeddings)
+    if reduced_range:  # likewise; a decision without it replays the full [-127, 127] grid
+        decision["reduced_range"] = True
     return decision
 
 
@@ -158,7 +163,7 @@ def replay_qat(model: nn.Module, decision: dict) -> nn.Module:
     """DECISION_REPLAYERS entry: the same swaps, before the checkpoint's weights load."""
     quantize_model(model, decision["weights"], decision["activations"],
                    linears=decision["linears"], attentions=decision["attentions"],
-                   embeddings=decision.get("embeddings", []))
+                   embeddings=decision.get("embeddings", []), reduced_range=bool(decision.get("reduced_range")))
     if decision.get("smoothing"):
         replay_smoothing(model, decision["smoothing"]["linears"])
     return model

@@ -73,5 +73,10 @@ def quantization_summary(model: nn.Module) -> dict[str, Any]:
     acts = sum(1 for m in _switchable(model) if not isinstance(m, (QuantLinear, BinaryLinear, QuantEmbedding)))
     binarizers = sum(1 for m in model.modules() if isinstance(m, ElasticBinarizer))
     embeddings = sum(1 for m in model.modules() if isinstance(m, QuantEmbedding))
+    int8_int8 = [m for m in linears if isinstance(m, QuantLinear) and m.weight_mode == "int8" and m.act is not None]
+    reduced = bool(int8_int8) and all(m.reduced_range for m in int8_int8)
     return {"weights": modes, "quantized_linears": len(linears), "activation_quantizers": acts,
-            "activation_binarizers": binarizers, "int8_embeddings": embeddings}
+            "activation_binarizers": binarizers, "int8_embeddings": embeddings,
+            # int8 x int8 Linears: the weight grid decides which CPU families' kernels are exact
+            "int8_weight_grid": None if not int8_int8 else ("[-63, 63]" if reduced else "[-127, 127]"),
+            "reduced_range": reduced}

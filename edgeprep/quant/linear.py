@@ -12,6 +12,14 @@ Two forward paths compute the same numbers:
   are turned into n-bit types for MatMulNBits by ``edgeprep.quant.nbits`` after export.
 With SmoothQuant smoothing (``set_smoothing``, ``edgeprep.quant.smooth``) the input is first
 multiplied by ``input_mul`` = 1 / s per channel (one Mul in ONNX) and ``weight`` holds W diag(s).
+
+Reduced range (``reduced_range=True``, int8 weights with int8 inputs only): the weight grid is
+[-63, 63] instead of [-127, 127], still stored as int8. Why: on x86 CPUs without VNNI (AVX2, and
+AVX-512 without VNNI) ONNX Runtime runs int8 activations as uint8 (+128) through MLAS's U8S8
+kernel, whose vpmaddubsw adds two u8 x s8 products into a *saturating* int16:
+2 * 255 * 127 = 64,770 > 32,767, so large products clip. With |w| <= 63 the pair sum is at most
+2 * 255 * 63 = 32,130 and every kernel (AVX2, VNNI, SSE4, ARM) computes the exact integer result.
+See ``edgeprep.quant.cpu_family`` and BENCHMARKS.md "int8 on every CPU family".
 """
 from __future__ import annotations
 
@@ -38,18 +46,23 @@ ACTIVATION_MODES = ("int8", "none")
 # Bits of the integer grid each weight mode lands on (ternary {-1, 0, 1} fits in 2 bits).
 WEIGHT_BITS = {"int8": 8, "int4": 4, "ternary": 2}
 STORAGE_RANGE = int_range(8)  # export stores every mode's integers in int8 first
+REDUCED_RANGE_BITS = 7  # int8 weights on the [-63, 63] grid: no int16 saturation in AVX2's U8S8 kernel
 BIAS_RANGE = (-(1 << 31), (1 << 31) - 1)  # int32 bias on the int32 accumulator
 
 
 class QuantLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 weights: str = "int8", activations: str = "int8"):
+                 weights: str = "int8", activations: str = "int8", reduced_range: bool = False):
         if weights not in WEIGHT_MODES:
             raise BadInputError(f"weights {weights!r} is not one of {', '.join(WEIGHT_MODES)}")
         if activations not in ACTIVATION_MODES:
             raise BadInputError(f"activations {activations!r} is not one of {', '.join(ACTIVATION_MODES)}")
         super().__init__(in_features, out_features, bias)
+        if reduced_range and (weights != "int8" or activations != "int8"):
+            raise BadInputError("reduced_range applies to int8 weights with int8 activations (the integer kernels); "
+                                f"got weights {weights!r}, activations {activations!r}")
         self.weight_mode = weights
+        self.reduced_range = reduced_range
         self.act: Optional[LsqQuantizer] = LsqQuantizer(8) if activations == "int8" else None
         self.exporting = False
         self.register_buffer("input_mul", None)  # [in] = 1 / s once smoothed; None: no smoothing
@@ -69,9 +82,10 @@ class QuantLinear(nn.Linear):
         self.register_buffer("input_mul", (1.0 / s).to(self.weight.device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, weights: str, activations: str) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, *, weights: str, activations: str,
+                    reduced_range: bool = False) -> "QuantLinear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                weights=weights, activations=activations)
+                weights=weights, activations=activations, reduced_range=reduced_range)
         q.to(device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             q.weight.copy_(linear.weight)
@@ -84,12 +98,17 @@ class QuantLinear(nn.Linear):
     def weight_bits(self) -> int:
         return WEIGHT_BITS[self.weight_mode]
 
+    @property
+    def grid_bits(self) -> int:
+        """Bits of the grid the weights are rounded to: ``weight_bits``, or 7 with reduced range."""
+        return REDUCED_RANGE_BITS if self.reduced_range else self.weight_bits
+
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight the forward uses (clipped STE gradients to ``weight``)."""
         if self.weight_mode == "ternary":
             return ternarize(self.weight)  # TWN, one alpha per tensor for a Linear
-        qmin, qmax = int_range(self.weight_bits)
-        scale = weight_scale(self.weight, self.weight_bits, axis=0)  # per output channel, max|w| -> qmax
+        qmin, qmax = int_range(self.grid_bits)
+        scale = weight_scale(self.weight, self.grid_bits, axis=0)  # per output channel, max|w| -> qmax
         return fake_quant(self.weight, scale, qmin, qmax)
 
     @torch.no_grad()
@@ -102,8 +121,8 @@ class QuantLinear(nn.Linear):
             codes = torch.sign(w) * (w.abs() > delta).to(w.dtype)
             scales = alpha.expand(w.shape[0]).clone()
         else:
-            qmin, qmax = int_range(self.weight_bits)
-            scales = weight_scale(w, self.weight_bits, axis=0)
+            qmin, qmax = int_range(self.grid_bits)
+            scales = weight_scale(w, self.grid_bits, axis=0)
             codes = torch.clamp(torch.round(w / scales), qmin, qmax)
             scales = scales.flatten()
         # A ternary row with nothing above delta, or an all-zero channel: any positive scale works.
@@ -114,7 +133,7 @@ class QuantLinear(nn.Linear):
         w = self.weight.detach()
         if self.weight_mode == "ternary":
             return twn_params(w)[1].expand(w.shape[0])
-        return weight_scale(w, self.weight_bits, axis=0).flatten()
+        return weight_scale(w, self.grid_bits, axis=0).flatten()
 
     def bias_scale(self) -> Optional[torch.Tensor]:
         """int32 bias grid: input scale x weight scale per channel, so the bias adds straight onto the
@@ -172,4 +191,4 @@ class QuantLinear(nn.Linear):
         return y.reshape(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weights={self.weight_mode}"
+        return f"{super().extra_repr()}, weights={self.weight_mode}{', reduced_range' if self.reduced_range else ''}"

@@ -13,15 +13,17 @@ learned scales apart (LSQ), and then all of them fuse; the QAT stage always trai
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
 from edgeprep.binary.modules import BinaryLinear
 from edgeprep.errors import ExportError
+from edgeprep.quant.cpu_family import INT8_WEIGHT_STORAGES
 from edgeprep.quant.fake import LsqQuantizer
 from edgeprep.quant.linear import QuantLinear
 from edgeprep.quant.nbits import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, to_weight_only_nbits
+from edgeprep.quant.weight_storage import weights_to_uint8
 
 
 def weight_only_bits(model: nn.Module) -> dict[str, int]:
@@ -35,12 +37,17 @@ def weight_only_bits(model: nn.Module) -> dict[str, int]:
     return bits
 
 
-def finish_quantized_onnx(path: Path, model: nn.Module, binary_storage: str = "packed1") -> dict[str, Any]:
+def finish_quantized_onnx(path: Path, model: nn.Module, binary_storage: str = "packed1", int8_weights: str = "s8",
+                          u8_weight_layers: Sequence[str] = ()) -> dict[str, Any]:
     """Apply the passes to the file at ``path`` in place; returns what they did (for the manifest).
     ``binary_storage``: "packed1" (binary weights 1 bit each on disk, edgeprep.binary.packing) or
-    "int2" (2 bits, run packed by MatMulNBits)."""
+    "int2" (2 bits, run packed by MatMulNBits). ``int8_weights``: "s8" (as trained) or "u8" (every
+    int8 Gemm / MatMul weight as uint8 with zero point 128: same numbers, exact on AVX2's kernels,
+    ``edgeprep.quant.weight_storage``); ``u8_weight_layers``: only these Linears as uint8."""
     import onnx
 
+    if int8_weights not in INT8_WEIGHT_STORAGES:
+        raise ExportError(f"int8_weights {int8_weights!r} is not one of {', '.join(INT8_WEIGHT_STORAGES)}")
     proto = onnx.load(str(path))
     info: dict[str, Any] = {"matmulnbits_accuracy_level": DEFAULT_ACCURACY_LEVEL}
     bits = weight_only_bits(model)
@@ -57,5 +64,7 @@ def finish_quantized_onnx(path: Path, model: nn.Module, binary_storage: str = "p
             binary = [name for name in bits if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), BinaryLinear)]
             info["binary_packing"] = pack_binary_weights(proto, binary)
         info["binary"] = binary_summary(proto, model)
+    if int8_weights == "u8" or u8_weight_layers:
+        info["u8_weights"] = weights_to_uint8(proto, None if int8_weights == "u8" else list(u8_weight_layers))
     onnx.save_model(proto, str(path))
     return info

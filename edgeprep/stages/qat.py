@@ -21,6 +21,7 @@ import torch
 from edgeprep.context import Context
 from edgeprep.errors import BadInputError
 from edgeprep.quant.convert import QAT_KIND, quantize_model, tap_model
+from edgeprep.quant.cpu_family import REDUCED_RANGE
 from edgeprep.quant.fake import LsqQuantizer, forward_in_batches
 from edgeprep.quant.intervention import InterventionSchedule, TeacherInterventionModel, ti_loss_hook
 from edgeprep.quant.smooth import smooth_model
@@ -122,8 +123,9 @@ class QatStage:
         # (folding after quantization would rescale integer weights off their grid).
         if has_reparam(model):
             ctx.decisions.append(fold_reparam(model, check_inputs=(ctx.data.calib[:CALIB_BATCH],)))
+        reduced = REDUCED_RANGE[cfg.target_cpu] and cfg.weights == "int8" and cfg.activations == "int8"
         decision = quantize_model(model, cfg.weights, cfg.activations, targets=cfg.targets, ignore=cfg.ignore,
-                                  embeddings=cfg.embeddings)
+                                  embeddings=cfg.embeddings, reduced_range=reduced)
         ctx.decisions.append(decision)
         if cfg.smoothing is not None:  # before calibration: the quantizers' ranges are those of x / s
             decision["smoothing"] = smooth_model(model, ctx.data.calib, cfg.smoothing)
@@ -139,6 +141,7 @@ class QatStage:
             "weights": cfg.weights, "activations": cfg.activations, "intervention": cfg.intervention,
             "intervention_steps": s, "steps": train_cfg.steps, "label_loss": cfg.label_loss,
             "smoothing": cfg.smoothing, "int8_embeddings": decision.get("embeddings", []),
+            "target_cpu": cfg.target_cpu, "reduced_range": reduced,
             "loss_weights": cfg.loss_weights.model_dump(),
             "quantized_linears": len(decision["linears"]), "attention_layers": len(decision["attentions"]),
             "activation_quantizers": calibrated,
@@ -148,6 +151,8 @@ class QatStage:
         ctx.report.note(f"QAT {cfg.weights} weights / {cfg.activations} activations on {len(decision['linears'])} "
                         f"Linears, {calibrated} activation quantizers; intervention {cfg.intervention} for {s} of "
                         f"{train_cfg.steps} steps"
+                        + (f"; int8 weights on the [-63, 63] grid (target_cpu {cfg.target_cpu}: exact on every "
+                           "CPU family's int8 kernels)" if reduced else "")
                         + (f"; SmoothQuant alpha {cfg.smoothing} on {len(decision['smoothing']['linears'])} inputs"
                            if cfg.smoothing is not None else "")
                         + (f"; per-row int8 embeddings: {', '.join(decision['embeddings'])}"
