@@ -276,7 +276,8 @@ def profile(artifact: Path = typer.Argument(..., help="Artifact directory or mod
             seq_len: int = typer.Option(128, "--seq-len", min=2,
                                         help="Bare model file: length of a symbolic sequence dim (token models)."),
             device: Optional[str] = typer.Option(
-                None, "--device", help="Profile on a remote device instead: ssh://user@host[:port]."),
+                None, "--device", help="Profile on a remote device instead: ssh://user@host[:port], or an "
+                                       "emulated CPU family emu://<family> (see `edgeprep devices list`)."),
             identity: Optional[Path] = typer.Option(None, "--identity", help="SSH private key for --device."),
             remote_python: str = typer.Option("python3", "--remote-python",
                                               help="The device's Python (with numpy and the runtime)."),
@@ -289,7 +290,13 @@ def profile(artifact: Path = typer.Argument(..., help="Artifact directory or mod
                                                      help="Temp dir on the device (default: its own)."),
             timeout_s: int = typer.Option(600, "--timeout", min=1, help="Seconds for the whole remote run."),
             as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
-    """Latency percentiles of an artifact on its runtime, here or on a device over SSH."""
+    """Latency percentiles of an artifact on its runtime, here or on a device over SSH; parity on an
+    emulated CPU family (emu://)."""
+    if device is not None and device.startswith("emu://"):
+        return _profile_emulated(artifact, device, warmup, iters, threads, batch, seq_len, timeout_s, as_json,
+                                 {"--identity": identity, "--known-hosts": known_hosts, "--remote-tmp": remote_tmp,
+                                  "--accept-new-host-key": accept_new_host_key or None,
+                                  "--remote-python": None if remote_python == "python3" else remote_python})
     if device is None:
         remote_only = {"--identity": identity, "--known-hosts": known_hosts, "--remote-tmp": remote_tmp,
                        "--accept-new-host-key": accept_new_host_key or None,
@@ -321,6 +328,35 @@ def profile(artifact: Path = typer.Argument(..., help="Artifact directory or mod
         agree = par["top1_agreement"]
         out.print(f"parity on the device vs the reference outputs: SQNR {sq:.2f} dB, top-1 agreement "
                   f"{'n/a' if agree is None else f'{agree:.4f}'}")
+
+
+def _profile_emulated(artifact: Path, device: str, warmup: int, iters: int, threads: int, batch: int, seq_len: int,
+                      timeout_s: int, as_json: bool, ssh_options: dict[str, Any]) -> None:
+    from edgeprep.remote.emulate import EmulatedDevice
+
+    dev = EmulatedDevice(url=device, timeout_s=timeout_s)  # an unknown family: one line, exit 2
+    given = [k for k, v in ssh_options.items() if v is not None]
+    if given:
+        raise BadInputError(f"{', '.join(given)}: ssh options, they do not apply to {device}")
+    from edgeprep.remote.profile import profile_artifact_on_device
+
+    log = (lambda m: None) if as_json else (lambda m: err.print(f"[dim]›[/dim] {escape(m)}"))
+    art, entry = profile_artifact_on_device(artifact, dev, warmup=warmup, iters=iters, threads=threads,
+                                            batch=batch, seq_len=seq_len, log=log)
+    if as_json:
+        _emit_json({"artifact": str(art.path), "runtime": art.runtime, **entry})
+        return
+    d, par = entry["description"], entry["parity"]
+    isa = " ".join(k for k, v in (d.get("isa") or {}).items() if v) or "-"
+    out.print(f"{art.path} on {entry['device']}: {d['cpu']} [{isa}], {d['emulated_by']}; "
+              f"{entry['runtime']['package']} {entry['runtime']['version']}")
+    out.print(f"latency not measured: {entry['latency_note']}")
+    if par is not None:
+        agree = par["top1_agreement"]
+        out.print(f"parity on the emulated CPU vs the reference outputs: SQNR {par['sqnr_db']:.2f} dB, top-1 "
+                  f"agreement {'n/a' if agree is None else f'{agree:.4f}'}")
+    else:
+        out.print("no parity: a bare model file has no reference outputs; pass its artifact directory")
 
 
 def _profile_here(artifact: Path, warmup: int, iters: int, threads: int, batch: int, seq_len: int,
@@ -438,6 +474,57 @@ def models(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> Non
         shape = f", input {tuple(r['input_shape'])}" if r["input_shape"] is not None else ""
         out.print(f"[bold]{r['name']}[/bold]  {r['params']:,} params{shape}, data {r['data']}: "
                   f"{escape(r['description'])}")  # escape: "[batch, 2, sequence]" is not rich markup
+
+
+devices_app = typer.Typer(no_args_is_help=True, help="Emulated CPU families for emu:// devices (QEMU user mode).")
+app.add_typer(devices_app, name="devices")
+
+
+@devices_app.command("list")
+def devices_list(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """The emulated CPU families, the ISA flags each exposes, and whether it is prepared here."""
+    from edgeprep.remote.emu_cache import status
+    from edgeprep.remote.emulate import FAMILIES, cache_dir
+
+    rows = [status(f) for f in FAMILIES.values()]
+    if as_json:
+        _emit_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table("device", "QEMU -cpu", "ISA flags on", "off", "runtimes", "prepared")
+    for r in rows:
+        table.add_row(r["url"], r["qemu_cpu"], " ".join(k for k, v in r["isa"].items() if v),
+                      " ".join(k for k, v in r["isa"].items() if not v) or "-", ", ".join(r["runtimes"]),
+                      f"yes (QEMU {r['qemu_version']})" if r["prepared"] else "no")
+    out.print(table)
+    out.print(f"cache: {cache_dir()} (set EDGEPREP_CACHE to move it); prepare with `edgeprep devices setup`")
+
+
+@devices_app.command("setup")
+def devices_setup(families: Optional[list[str]] = typer.Argument(None, help="Families to prepare (default: all)."),
+                  as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Fetch QEMU's set-up for emulated families into the cache (Debian packages, PyPI wheels), once."""
+    from importlib.util import find_spec
+
+    from edgeprep.remote.emu_cache import prepare
+    from edgeprep.remote.emulate import FAMILIES, family_from_url
+
+    chosen = [family_from_url(f if f.startswith("emu://") else f"emu://{f}") for f in (families or FAMILIES)]
+    log = (lambda m: None) if as_json else (lambda m: err.print(f"[dim]›[/dim] {escape(m)}"))
+    rows = []
+    for fam in chosen:
+        # LiteRT too when this host has it: its aarch64 wheel is ~100 MB, so only for those who use it
+        runtimes = ["onnxruntime"] + (["litert"] if fam.arch == "aarch64" and find_spec("ai_edge_litert") else [])
+        for rt in runtimes:
+            p = prepare(fam, rt, log)
+        rows.append({"family": fam.name, "qemu": str(p.qemu), "qemu_version": p.qemu_version, "isa": p.isa,
+                     "runtimes": runtimes})
+        if not as_json:
+            out.print(f"{fam.url}: ready (QEMU {p.qemu_version} -cpu {fam.qemu_cpu}; "
+                      f"{' '.join(k for k, v in p.isa.items() if v)}; {', '.join(runtimes)})")
+    if as_json:
+        _emit_json(rows)
 
 
 @app.command()

@@ -7,6 +7,14 @@ missing: a tolerance is never skipped silently (DESIGN.md: "a failed tolerance i
 
 Each result is a dict ``{"name", "artifact", "limit", "value", "passed", "note"}`` that goes
 verbatim into ``report["gates"]``; ``note`` is ``None`` unless something needs explaining.
+
+Devices: the numeric gates (DEVICE_GATES: metric drop, SQNR, top-1 agreement) also judge every
+entry in a shipped artifact's ``"devices"`` (ssh:// boards and emu:// emulated CPU families), each
+as its own result with ``artifact: "<name>@<device>"`` and the added fields ``device``,
+``device_url`` and ``emulated``. A device entry with an error, or without parity, fails them. The
+latency, speedup and size gates judge the host's artifact only: no gate ever reads a device's
+latency, least of all an emulated one's, which is QEMU's translation speed and not a timing. A
+`native` device entry is the host's own measurement, already judged by the artifact's results.
 """
 from __future__ import annotations
 
@@ -102,6 +110,17 @@ def _sqnr_db(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optiona
     return value, None
 
 
+def _top1(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
+    parity = art.get("parity")
+    if not isinstance(parity, Mapping):
+        return None, "parity not measured on the runtime"
+    value = as_number(parity.get("top1_agreement"))
+    if value is None:  # a tolerance the run cannot show fails: the recipe asks for something meaningless here
+        return None, ("top-1 agreement does not apply: the model's first output is not class logits (e.g. an "
+                      "embedding model); remove min_top1_agreement from the recipe's gates")
+    return value, None
+
+
 def _latency_p90(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
     latency = art.get("latency_ms")
     value = as_number(latency.get("p90")) if isinstance(latency, Mapping) else None
@@ -124,14 +143,20 @@ def _size_bytes(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Opti
 GATES: dict[str, tuple[Measure, bool]] = {
     "max_metric_drop": (_metric_drop, True),
     "min_sqnr_db": (_sqnr_db, False),
+    "min_top1_agreement": (_top1, False),
     "max_latency_ms_p90": (_latency_p90, True),
     "min_speedup": (_speedup, False),
     "max_size_bytes": (_size_bytes, True),
 }
 
 
+# The gates that also judge each device entry: numerics only (never latency; see the docstring).
+DEVICE_GATES = ("max_metric_drop", "min_sqnr_db", "min_top1_agreement")
+
+
 def evaluate_gates(gates: GatesConfig, report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One result per (configured gate, artifact with role ``"edgeprep"``), in ``GATES`` order.
+    """One result per (configured gate, artifact with role ``"edgeprep"``), in ``GATES`` order,
+    each followed by one per device entry of that artifact for the DEVICE_GATES.
 
     A configured gate with no ``edgeprep`` artifact to judge yields one failed result with
     ``artifact: None``: the recipe promised a tolerance the run cannot show.
@@ -146,17 +171,34 @@ def evaluate_gates(gates: GatesConfig, report: Mapping[str, Any]) -> list[dict[s
             results.append(_result(name, None, limit, None, False, "no artifact with role 'edgeprep' to judge"))
             continue
         for art in shipped:
-            not_run = art.get("not_run")
-            if not_run and name != "max_size_bytes":  # the size is known without running it
-                skip = getattr(gates, "unavailable_runtimes", "fail") == "skip"
-                note = f"not run on this machine: {not_run}" + (" (skipped: gates.unavailable_runtimes is skip)"
-                                                                 if skip else "")
-                results.append(_result(name, artifact_name(art), limit, None, skip, note, skipped=skip))
+            results.append(_judge(gates, report, name, art, artifact_name(art), limit, measure, upper,
+                                  "this machine"))
+            if name not in DEVICE_GATES:
                 continue
-            value, note = measure(report, art)
-            passed = value is not None and within(value, float(limit), upper=upper)
-            results.append(_result(name, artifact_name(art), limit, value, passed, note))
+            for dev in art.get("devices") or []:
+                if not isinstance(dev, Mapping) or dev.get("native"):  # native: the result just above
+                    continue
+                label = str(dev.get("device") or dev.get("url") or "?")
+                result = _judge(gates, report, name, dev, f"{artifact_name(art)}@{label}", limit, measure, upper,
+                                f"device {label}")
+                result.update(device=label, device_url=dev.get("url"), emulated=bool(dev.get("emulated")))
+                results.append(result)
     return results
+
+
+def _judge(gates: GatesConfig, report: Mapping[str, Any], name: str, entry: Mapping[str, Any], label: str,
+           limit: Any, measure: Measure, upper: bool, where: str) -> dict[str, Any]:
+    """One gate on one entry: an artifact's host measurement or one of its device entries."""
+    if entry.get("error"):  # a device that failed: its numbers are unknown, so the gate fails
+        return _result(name, label, limit, None, False, f"{where} failed: {entry['error']}")
+    not_run = entry.get("not_run")
+    if not_run and name != "max_size_bytes":  # the size is known without running it
+        skip = getattr(gates, "unavailable_runtimes", "fail") == "skip"
+        note = f"not run on {where}: {not_run}" + (" (skipped: gates.unavailable_runtimes is skip)" if skip else "")
+        return _result(name, label, limit, None, skip, note, skipped=skip)
+    value, note = measure(report, entry)
+    passed = value is not None and within(value, float(limit), upper=upper)
+    return _result(name, label, limit, value, passed, note)
 
 
 def _result(name: str, artifact: Optional[str], limit: Any, value: Optional[float], passed: bool,

@@ -330,7 +330,7 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
                  "info": dict(art.info)}
         if vcfg.devices:
             entry["devices"] = _profile_on_devices(art, vcfg, state.base_dir, task, ref_in, ref_out, ref_y,
-                                                   device_errors, opts)
+                                                   device_errors, opts, host_entry=entry)
         entries.append(entry)
         if entry["latency_ms"] and (art.role == "baseline" or (art.role == "edgeprep" and not compressed)):
             speed_ref[group[art.name]] = entry["latency_ms"]["p50"]
@@ -368,17 +368,22 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
 
 
 def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_in: list, ref_out, ref_y,
-                        errors: list[EdgeprepError], opts: RunOptions) -> list[dict[str, Any]]:
-    """The artifact on each of the recipe's devices; a failure is recorded in its entry and kept in
-    ``errors`` (the run fails after the report is written), so one bad device loses no other result."""
-    from edgeprep.remote.profile import device_entry
-    from edgeprep.remote.session import INSTALL_HINT
-
+                        errors: list[EdgeprepError], opts: RunOptions,
+                        host_entry: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """The artifact on each of the recipe's devices (ssh://, emu://, or `native`: the host entry
+    itself); a failure is recorded in its entry and kept in ``errors`` (the run fails after the
+    report is written), so one bad device loses no other result."""
+    from edgeprep.remote.emulate import EmulatedDevice, NativeDevice
+    from edgeprep.remote.profile import device_entry, native_entry
+    from edgeprep.remote.session import supported_runtimes
     from edgeprep.remote.ssh import DeviceAccessError, DeviceUnreachableError
 
     results = []
     for dcfg in vcfg.devices:
         device = dcfg.to_device(base_dir)
+        if isinstance(device, NativeDevice):
+            results.append(native_entry(device, host_entry or {}))
+            continue
         # a device that could not be reached or logged into is not tried again for every artifact
         earlier = next((e for e in errors if isinstance(e, (DeviceAccessError, DeviceUnreachableError))
                         and str(e).startswith(f"device {device.label}:")), None)
@@ -386,16 +391,20 @@ def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_in: list, ref_
             results.append({"device": device.label, "url": device.url, "exit_code": earlier.exit_code,
                             "error": f"not tried: it failed earlier in this run ({earlier})"})
             continue
-        if art.runtime not in INSTALL_HINT:
+        runtimes = supported_runtimes(device)
+        if art.runtime not in runtimes:
+            how = (f"run emulated as {device.family.name}" if isinstance(device, EmulatedDevice)
+                   else "profiled over SSH")
             results.append({"device": device.label, "url": device.url,
-                            "not_run": f"{art.runtime} artifacts are not profiled over SSH "
-                                       f"(supported: {', '.join(sorted(INSTALL_HINT))})"})
+                            "not_run": f"{art.runtime} artifacts are not {how} (supported: {', '.join(runtimes)})"})
             continue
         opts.log(f"profile {art.name} on device {device.label}")
         p = vcfg.profile
         try:
             results.append(device_entry(art, device, ref_inputs=ref_in, ref_outputs=ref_out, labels=ref_y, task=task,
-                                        warmup=p.warmup, iters=p.iters, threads=p.threads, batch=p.batch))
+                                        warmup=p.warmup, iters=p.iters, threads=p.threads, batch=p.batch,
+                                        # emulated: first use fetches the family's set-up, worth a word
+                                        log=opts.log if isinstance(device, EmulatedDevice) else (lambda m: None)))
         except EdgeprepError as exc:
             errors.append(exc)
             results.append({"device": device.label, "url": device.url, "error": str(exc),
@@ -405,17 +414,18 @@ def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_in: list, ref_
 
 def _device_speedups(entries: list[dict[str, Any]], group: dict[str, str], compressed: bool) -> None:
     """On each device, an artifact's speedup over the fp32 artifact of its export entry measured on
-    that same device (the host's speedup compares host numbers only)."""
+    that same device (the host's speedup compares host numbers only). An emulated device has none:
+    its latency is QEMU's translation speed, not a timing."""
     ref: dict[tuple[str, str], float] = {}
     for e in entries:
         if e["role"] == "baseline" or (e["role"] == "edgeprep" and not compressed):
             for d in e.get("devices", []):
-                if d.get("latency_ms"):
+                if d.get("latency_ms") and not d.get("emulated"):
                     ref[(group[e["name"]], d["device"])] = d["latency_ms"]["p50"]
     for e in entries:
         for d in e.get("devices", []):
             r = ref.get((group[e["name"]], d["device"]))
-            d["speedup"] = r / d["latency_ms"]["p50"] if r and d.get("latency_ms") else None
+            d["speedup"] = r / d["latency_ms"]["p50"] if r and d.get("latency_ms") and not d.get("emulated") else None
 
 
 def _adopt_peer(peer, baseline_model, task, ref_x, ref_in, ref_y):

@@ -351,6 +351,10 @@ class ValidateConfig(Strict):
 class GatesConfig(Strict):
     max_metric_drop: Optional[float] = Field(None, ge=0)  # baseline metric - artifact metric
     min_sqnr_db: Optional[float] = None
+    # fraction of reference rows whose argmax matches the PyTorch model's (class logits only: on an
+    # embedding model it fails, saying it does not apply); like the two above, judged on the host
+    # and on every device entry (ssh:// and emu://)
+    min_top1_agreement: Optional[float] = Field(None, ge=0, le=1)
     max_latency_ms_p90: Optional[float] = Field(None, gt=0)
     min_speedup: Optional[float] = Field(None, gt=0)  # baseline fp32 p50 / artifact p50
     max_size_bytes: Optional[int] = Field(None, gt=0)

@@ -1,5 +1,6 @@
 """The recipe's ``validate.devices`` entries (edgeprep.recipe imports this): which boards to
-profile every artifact on, over SSH, and how to reach them."""
+profile every artifact on, over SSH, and how to reach them; or which CPU families to emulate
+(emu://<family>, emulate.py); or `native`, the host itself (already measured: listed, not rerun)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,11 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgeprep.errors import BadInputError
+from edgeprep.remote.emulate import NATIVE, EmulatedDevice, NativeDevice, family_from_url, is_emulated_url
 from edgeprep.remote.ssh import Device, parse_url
+
+SSH_ONLY = ("identity", "remote_python", "known_hosts", "accept_new_host_key", "connect_timeout_s", "remote_tmp",
+            "ssh_options")
 
 
 class DeviceConfig(BaseModel):
@@ -17,7 +22,7 @@ class DeviceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str  # ssh://[user@]host[:port]
+    url: str  # ssh://[user@]host[:port], emu://<family>, or native
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # label in the report
     identity: Optional[str] = None  # private key file; default: ssh's agent and ~/.ssh
     remote_python: str = "python3"
@@ -35,14 +40,32 @@ class DeviceConfig(BaseModel):
 
     @field_validator("url")
     @classmethod
-    def _ssh_url(cls, v: str) -> str:
+    def _device_url(cls, v: str) -> str:
         try:
-            parse_url(v)
+            if is_emulated_url(v):
+                family_from_url(v)
+            elif v != NATIVE:
+                parse_url(v)
         except BadInputError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(f"{exc} (or emu://<family>, or native)" if not is_emulated_url(v) else str(exc)) from None
         return v
 
-    def to_device(self, base_dir: Path) -> Device:
+    @model_validator(mode="after")
+    def _no_ssh_fields_elsewhere(self) -> "DeviceConfig":
+        if self.url.startswith("ssh://"):
+            return self
+        given = [f for f in SSH_ONLY if f in self.model_fields_set]
+        if given:
+            raise ValueError(f"device {self.url}: {', '.join(given)} apply to ssh:// devices only; remove them")
+        if self.url == NATIVE and "timeout_s" in self.model_fields_set:
+            raise ValueError("device native: timeout_s does not apply (nothing runs again); remove it")
+        return self
+
+    def to_device(self, base_dir: Path) -> "Device | EmulatedDevice | NativeDevice":
+        if self.url == NATIVE:
+            return NativeDevice(name=self.name or "")
+        if is_emulated_url(self.url):
+            return EmulatedDevice(url=self.url, name=self.name or "", timeout_s=self.timeout_s)
         def local(p: Optional[str]) -> Optional[Path]:
             return None if p is None else (base_dir / Path(p).expanduser())
         return Device(url=self.url, name=self.name or "", identity=local(self.identity),

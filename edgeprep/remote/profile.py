@@ -61,6 +61,11 @@ def device_entry(artifact: Artifact, device: AnyDevice, *, ref_inputs: Sequence[
         from edgeprep.measure.parity import parity
 
         entry["parity"] = parity([ref_outputs], [res.outputs[0]])
+        if task == "embedding":  # as on the host (validate.judge): top-1 of embedding dims means nothing
+            from edgeprep.measure.embedding import cosines
+
+            entry["parity"]["top1_agreement"] = None
+            entry["parity"]["min_cosine"] = float(cosines(ref_outputs, res.outputs[0]).min())
     if labels is not None and task is not None:
         from edgeprep.measure.metrics import metric_for
 
@@ -77,13 +82,16 @@ def native_entry(device: NativeDevice, host_entry: dict[str, Any]) -> dict[str, 
     from edgeprep.remote.emu_cache import host_isa
     from edgeprep.remote.runner import describe_device
 
-    return {"device": device.label, "url": device.url, "native": True, "emulated": False,
-            "description": {**describe_device(), "isa": host_isa()},
-            "runtime": {"package": host_entry.get("runtime"), "version": None},
-            "latency_ms": host_entry.get("latency_ms"), "parity": host_entry.get("parity"),
-            "metric": host_entry.get("metric"), "not_run": host_entry.get("not_run"),
-            "note": f"this host ({platform.machine()}): the artifact's own measurement, not run again; its gates "
-                    "are the artifact's"}
+    entry = {"device": device.label, "url": device.url, "native": True, "emulated": False,
+             "description": {**describe_device(), "isa": host_isa()},
+             "runtime": {"package": host_entry.get("runtime"), "version": host_entry.get("runtime_version")},
+             "latency_ms": host_entry.get("latency_ms"), "parity": host_entry.get("parity"),
+             "metric": host_entry.get("metric"),
+             "note": f"this host ({platform.machine()}): the artifact's own measurement, not run again; its gates "
+                     "are the artifact's"}
+    if host_entry.get("not_run"):
+        entry["not_run"] = host_entry["not_run"]
+    return entry
 
 
 def profile_artifact_on_device(path: Path, device: AnyDevice, *, warmup: int, iters: int, threads: int, batch: int,
