@@ -63,8 +63,12 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of
     else:
         _print_summary(report, out_dir or Path("runs") / report["recipe"])
     if not report["passed"]:
-        from edgeprep.gates import raise_for_failed_gates
+        from edgeprep.gates import describe_failures, failed_gates, raise_for_failed_gates
+        from edgeprep.measure.diagnose import diagnosis_lines
 
+        where = diagnosis_lines(report)
+        if where and failed_gates(report["gates"]):  # the failure line says where parity broke and the fix
+            raise GateFailedError(f"gate(s) failed: {describe_failures(report['gates'])}; " + "; ".join(where))
         raise_for_failed_gates(report["gates"])
 
 
@@ -347,7 +351,7 @@ def _profile_emulated(artifact: Path, device: str, warmup: int, iters: int, thre
         _emit_json({"artifact": str(art.path), "runtime": art.runtime, **entry})
         return
     d, par = entry["description"], entry["parity"]
-    isa = " ".join(k for k, v in (d.get("isa") or {}).items() if v) or "-"
+    isa = " ".join(d.get("isa") or []) or "-"
     out.print(f"{art.path} on {entry['device']}: {d['cpu']} [{isa}], {d['emulated_by']}; "
               f"{entry['runtime']['package']} {entry['runtime']['version']}")
     out.print(f"latency not measured: {entry['latency_note']}")
@@ -378,17 +382,30 @@ def validate(artifact: Path = typer.Argument(..., help="Artifact directory (with
              min_sqnr_db: Optional[float] = typer.Option(
                  None, help="Fail (exit 1) below this SQNR (default: the manifest's expectation)."),
              min_top1_agreement: Optional[float] = typer.Option(None, help="Fail (exit 1) below this."),
+             device: Optional[str] = typer.Option(
+                 None, "--device", help="Check parity on an emulated CPU family (emu://x86-avx2, emu://arm64-a76, "
+                                        "...) or an ssh:// device instead of this host."),
              iters: int = typer.Option(50, min=5), threads: int = typer.Option(1, min=1),
              as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
-    """Re-check an artifact alone: integrity, parity with its reference outputs, metric, latency."""
+    """Re-check an artifact alone: integrity, parity with its reference outputs, metric, latency.
+    When SQNR is below the limit, names the first diverging layer and measures the fixes."""
     from edgeprep.validate import judge_artifact_dir
 
     if not artifact.is_dir():
         raise BadInputError(f"{artifact}: validate needs an artifact directory with manifest.json "
                             "(a bare model file has no reference outputs); use `edgeprep profile` for files")
-    from edgeprep.manifest import read_manifest
+    from edgeprep.manifest import load_reference, read_manifest
 
-    art, entry = judge_artifact_dir(artifact, warmup=5, iters=iters, threads=threads, batch=1)
+    dev = None
+    if device is not None:
+        from edgeprep.remote.config import DeviceConfig
+
+        try:
+            dev = DeviceConfig(url=device).to_device(Path.cwd())
+        except ValueError as exc:  # pydantic's wrapper around the URL check: its first line is ours
+            raise BadInputError(f"--device {device}: {str(exc).splitlines()[-1].split(', input_value')[0]}") from None
+    art, entry = (judge_artifact_dir(artifact, warmup=5, iters=iters, threads=threads, batch=1) if dev is None
+                  else _judge_on_device(artifact, dev, iters=iters, threads=threads))
     if entry.get("not_run"):  # e.g. Core ML off macOS: nothing was measured, so nothing is validated
         raise RuntimeFailure(f"{artifact}: cannot validate on this machine: {entry['not_run']}")
     expect = read_manifest(artifact).get("expect", {})  # what the run that made it promised
@@ -397,7 +414,14 @@ def validate(artifact: Path = typer.Argument(..., help="Artifact directory (with
     sq = entry["parity"]["sqnr_db"]
     failures = []
     if min_sqnr_db is not None and sq is not None and sq < min_sqnr_db:
-        failures.append(f"SQNR {sq:.2f} dB < {min_sqnr_db} dB")
+        from edgeprep.measure.diagnose import diagnose, fix_text
+
+        ref = load_reference(artifact)
+        log = (lambda m: None) if as_json else (lambda m: err.print(f"[dim]›[/dim] {escape(m)}"))
+        entry["diagnosis"] = diagnose(art, ref.inputs, ref.outputs[0], threshold_db=min_sqnr_db, device=dev, log=log)
+        fix = fix_text(entry["diagnosis"])
+        failures.append(f"SQNR {sq:.2f} dB < {min_sqnr_db} dB{' on ' + dev.label if dev else ''}: "
+                        f"{entry['diagnosis']['summary']}" + (f"; {fix}" if fix else ""))
     agree = entry["parity"]["top1_agreement"]
     if min_top1_agreement is not None and agree is not None and agree < min_top1_agreement:
         failures.append(f"top-1 agreement {agree:.4f} < {min_top1_agreement}")
@@ -406,15 +430,36 @@ def validate(artifact: Path = typer.Argument(..., help="Artifact directory (with
     else:
         m = entry.get("metric")
         max_abs = entry["parity"]["max_abs"]
-        out.print(f"{art.name} ({art.runtime}): sha256 ok; SQNR "
+        lat = entry.get("latency_ms") or {}
+        where = f" on {dev.label}" if dev else ""
+        out.print(f"{art.name} ({art.runtime}{where}): sha256 ok; SQNR "
                   f"{'identical' if sq is None else f'{sq:.2f} dB'}, "
                   f"max abs {'non-finite' if max_abs is None else f'{max_abs:.3g}'}, "
                   f"top-1 agreement {'n/a' if agree is None else f'{agree:.4f}'}"
                   + (f", {m['name']} {m['value']:.4f} on {m['samples']} reference samples" if m else "")
-                  + f", p50 {entry['latency_ms']['p50']:.3f} ms")
+                  + (f", p50 {lat['p50']:.3f} ms" if lat.get("p50") is not None and not entry.get("emulated")
+                     else ", latency not a timing (emulated)" if entry.get("emulated") else ""))
     if failures:
-        err.print(f"[red]error:[/red] {art.name}: " + "; ".join(failures))
+        err.print(f"[red]error:[/red] {escape(art.name)}: " + escape("; ".join(failures)), soft_wrap=True)
         raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _judge_on_device(artifact: Path, dev: Any, *, iters: int, threads: int) -> tuple[Any, dict[str, Any]]:
+    """validate --device: the artifact's reference run on a device, judged as on the host."""
+    from edgeprep.manifest import load_reference
+    from edgeprep.remote.emulate import NativeDevice
+    from edgeprep.remote.profile import device_entry
+    from edgeprep.validate import artifact_from_path
+
+    if isinstance(dev, NativeDevice):
+        raise BadInputError("--device native is this host: leave --device out")
+    art = artifact_from_path(artifact)
+    ref = load_reference(artifact)
+    entry = device_entry(art, dev, ref_inputs=ref.inputs, ref_outputs=ref.outputs[0], labels=ref.labels, task=ref.task,
+                         warmup=2, iters=min(iters, 10), threads=threads, batch=1)
+    if entry.get("parity") is None:
+        raise RuntimeFailure(f"{artifact}: no parity came back from {dev.label}")
+    return art, entry
 
 
 @app.command()

@@ -1,5 +1,7 @@
 """The report's on-device section: every artifact as profiled on each remote device of the recipe's
-``validate.devices`` (edgeprep/remote/), with the device's own description. None without devices."""
+``validate.devices`` (edgeprep/remote/), with the device's own description. None without devices.
+Emulated CPU families (emu://) show parity and metric only: their latency is QEMU's translation
+speed, so its cells say "emulated" instead of a number; `native` rows repeat the host's own entry."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -13,11 +15,21 @@ def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
                "SQNR dB", "top-1 agree", "metric", "status"],
               numeric=[False, False, False, True, True, True, True, True, True, True, True, False])
     described: dict[str, str] = {}
+    emulated = native = False
     for a in arts:
         for d in a.get("devices") or []:
             label = _text(d.get("device"))
             desc = d.get("description")
-            if isinstance(desc, Mapping) and label not in described:
+            emulated, native = emulated or bool(d.get("emulated")), native or bool(d.get("native"))
+            if isinstance(desc, Mapping) and label not in described and (d.get("emulated") or d.get("native")):
+                flags = desc.get("isa_flags") if isinstance(desc.get("isa_flags"), Mapping) else {}
+                on = " ".join(k for k, v in flags.items() if v) or " ".join(desc.get("isa") or []) or MISSING
+                off = " ".join(k for k, v in flags.items() if not v)
+                how = (f"emulated by {_text(desc.get('emulated_by'))} on this host" if d.get("emulated")
+                       else "this host, the artifact's own measurement")
+                described[label] = (f"{label} ({_text(d.get('url'))}): {_text(desc.get('cpu'))}; ISA {on}"
+                                    f"{'; not ' + off if off else ''}; {how}, Python {_text(desc.get('python'))}")
+            elif isinstance(desc, Mapping) and label not in described:
                 board = f"{desc.get('board')}, " if desc.get("board") else ""
                 mem = desc.get("memory_bytes")
                 described[label] = (f"{label} ({_text(d.get('url'))}): {board}{_text(desc.get('cpu'))}, "
@@ -27,10 +39,13 @@ def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
                                     f"Python {_text(desc.get('python'))}, numpy {_text(desc.get('numpy'))}")
             lat = d.get("latency_ms") or {}
             peak = _get(d, "memory", "peak_rss_bytes")
+            timed = not d.get("emulated")  # emulated milliseconds are not a timing: no number shown
             runtime = f"{_get(d, 'runtime', 'package')} {_get(d, 'runtime', 'version')}" if d.get("runtime") else MISSING
-            status = d.get("error") or d.get("not_run") or "ok"
-            t.rows.append([artifact_name(a), label, runtime, fmt(lat.get("p50"), ".3f"), fmt(lat.get("p90"), ".3f"),
-                           fmt(lat.get("p99"), ".3f"), fmt(d.get("speedup"), ".2f", "x"),
+            status = d.get("error") or d.get("not_run") or ("ok (emulated)" if d.get("emulated") else
+                                                            "ok (host)" if d.get("native") else "ok")
+            ms = (lambda k: fmt(lat.get(k), ".3f")) if timed else (lambda k: "emulated")
+            t.rows.append([artifact_name(a), label, runtime, ms("p50"), ms("p90"), ms("p99"),
+                           fmt(d.get("speedup"), ".2f", "x") if timed else "emulated",
                            fmt(peak / 2**20 if peak else None, ".1f"), fmt_sqnr(d.get("parity")),
                            fmt_pct(_get(d, "parity", "top1_agreement"), 2), fmt_metric(d.get("metric")), status])
             t.row_status.append("fail" if d.get("error") else None)
@@ -41,4 +56,13 @@ def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
                  "there and removed afterwards. Parity and metric are on the device's outputs for the manifest's "
                  "reference inputs; peak RSS is the runner process's high-water mark (Python and the runtime "
                  "included); speedup is against the fp32 artifact of the same export entry on the same device.")
-    return [Section("On-device profiles (SSH)", t, notes)]
+    if emulated:
+        notes.append("Emulated devices (emu://) run the same runner and runtime under QEMU user mode on this host, "
+                     "so the runtime picks that CPU family's kernels: their SQNR, top-1 agreement and metric are that "
+                     "family's numerics. Their latency is NOT a timing (QEMU translates every instruction): it is "
+                     "kept in report.json with latency_is_timing false, shown here as 'emulated', and no latency or "
+                     "speedup gate reads it.")
+    if native:
+        notes.append("native is this host: its row repeats the artifact's own measurement (not run again).")
+    title = "On-device profiles (SSH" + (", emulated CPUs" if emulated else "") + ")"
+    return [Section(title, t, notes)]

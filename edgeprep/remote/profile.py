@@ -10,7 +10,8 @@ as on the host (measure/latency.py), so the two are comparable.
 
 An emu:// device's entry adds "emulated": true, "family", "qemu": {binary, version, cpu},
 "latency_is_timing": false and "latency_note"; its description names the emulated CPU model and its
-ISA flags ("cpu", "isa", "emulated_by"), the CPU the runner saw (the host's, on x86) in "runner_cpu".
+ISA flags ("cpu", "isa": flags on, "isa_flags": on and off, "emulated_by"); what the runner saw
+itself (the host's CPU, on x86) is kept in "runner_cpu" / "runner_isa".
 Its latency is QEMU's translation speed, kept for completeness and never gated. ssh:// entries say
 "emulated": false. A `native` entry (native_entry) is the host's own measurement, not a new run.
 """
@@ -54,9 +55,12 @@ def device_entry(artifact: Artifact, device: AnyDevice, *, ref_inputs: Sequence[
         emu, fam = res.emulation, device.family
         entry.update(family=fam.name, latency_is_timing=False, latency_note=LATENCY_NOTE,
                      qemu={"binary": str(emu.qemu), "version": emu.qemu_version, "cpu": fam.qemu_cpu})
-        entry["description"] = {**res.description, "cpu": fam.cpu_model, "isa": emu.isa,
+        # the runner reads /proc/cpuinfo, which under qemu-x86_64 is this host's: name the emulated CPU
+        # instead ("isa": the flags on, as the runner lists them; "isa_flags": on and off, as probed)
+        entry["description"] = {**res.description, "cpu": fam.cpu_model, "isa": sorted(k for k, v in emu.isa.items() if v),
+                                "isa_flags": emu.isa,
                                 "emulated_by": f"qemu-{fam.arch} {emu.qemu_version} -cpu {fam.qemu_cpu}",
-                                "runner_cpu": res.description.get("cpu")}
+                                "runner_cpu": res.description.get("cpu"), "runner_isa": res.description.get("isa")}
     if ref_outputs is not None:
         from edgeprep.measure.parity import parity
 
@@ -83,7 +87,7 @@ def native_entry(device: NativeDevice, host_entry: dict[str, Any]) -> dict[str, 
     from edgeprep.remote.runner import describe_device
 
     entry = {"device": device.label, "url": device.url, "native": True, "emulated": False,
-             "description": {**describe_device(), "isa": host_isa()},
+             "description": {**describe_device(), "isa_flags": host_isa()},
              "runtime": {"package": host_entry.get("runtime"), "version": host_entry.get("runtime_version")},
              "latency_ms": host_entry.get("latency_ms"), "parity": host_entry.get("parity"),
              "metric": host_entry.get("metric"),
