@@ -357,6 +357,12 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
         "stages": stage_entries,
         "artifacts": entries,
     }
+    if recipe.gates.min_sqnr_db is not None:  # a failed SQNR gate names the layer that broke it, and the fix
+        from edgeprep.measure.diagnose import diagnose_entries
+
+        devices = {d.label: d for d in (c.to_device(state.base_dir) for c in vcfg.devices)}
+        diagnose_entries(entries, artifacts, recipe.gates.min_sqnr_db, ref_in, ref_outputs["edgeprep"],
+                         devices=devices, torch_model=model, torch_x=torch.from_numpy(ref_x), log=opts.log)
     report["gates"] = evaluate_gates(recipe.gates, report)
     report["passed"] = all(g["passed"] for g in report["gates"]) and not device_errors
     write_reports(run_dir, report)

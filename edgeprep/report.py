@@ -134,6 +134,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
     from edgeprep.report_binarize import binarize_sections
     from edgeprep.report_qat import qat_sections
     from edgeprep.report_devices import device_sections
+    from edgeprep.report_diagnosis import diagnosis_sections
     from edgeprep.report_reparam import reparam_sections
     from edgeprep.report_targets import coreml_sections, mobile_sections, not_run_sections, tensorrt_sections
 
@@ -156,6 +157,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
     # Verdict first (gates), then what was shipped, then how it got there; details last.
     sections = [
         _gates_section(gates),
+        *diagnosis_sections(arts),  # none unless an SQNR gate failed: where parity broke, and the fix
         _artifacts_section(arts),
         Section("Metric vs p50 latency", text=list(plot_notes or []), plot=True),
         _stages_section(report),
