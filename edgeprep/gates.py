@@ -97,6 +97,17 @@ def _metric_drop(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Opt
     return metric_drop(baseline.get("metric") if isinstance(baseline, Mapping) else None, art.get("metric"))
 
 
+def _device_metric_drop(report: Mapping[str, Any], dev: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
+    """A device's metric is computed on the parity rows (the reference inputs it was sent), so its
+    drop is taken against the baseline's metric on those same rows when the report has it."""
+    baseline = report.get("baseline") or {}
+    rows = baseline.get("metric_on_parity_rows") if isinstance(baseline, Mapping) else None
+    metric = dev.get("metric")
+    if isinstance(rows, Mapping) and isinstance(metric, Mapping) and rows.get("samples") == metric.get("samples"):
+        return metric_drop(rows, metric)
+    return _metric_drop(report, dev)
+
+
 def _sqnr_db(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
     parity = art.get("parity")
     if not isinstance(parity, Mapping) or "sqnr_db" not in parity:
@@ -179,8 +190,8 @@ def evaluate_gates(gates: GatesConfig, report: Mapping[str, Any]) -> list[dict[s
                 if not isinstance(dev, Mapping) or dev.get("native"):  # native: the result just above
                     continue
                 label = str(dev.get("device") or dev.get("url") or "?")
-                result = _judge(gates, report, name, dev, f"{artifact_name(art)}@{label}", limit, measure, upper,
-                                f"device {label}")
+                result = _judge(gates, report, name, dev, f"{artifact_name(art)}@{label}", limit,
+                                _device_metric_drop if name == "max_metric_drop" else measure, upper, f"device {label}")
                 result.update(device=label, device_url=dev.get("url"), emulated=bool(dev.get("emulated")))
                 results.append(result)
     return results

@@ -352,6 +352,7 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
         "model": {"name": state.model_name, "params": count_params(model),
                   "macs": count_macs(model, (state.example_inputs[0][:1],))},
         "baseline": {"metric": {"name": metric_name, "value": baseline_value},
+                     **_baseline_on_parity_rows(vcfg, baseline_model, ref_x, ref_y, metric_name, metric_fn),
                      "params": count_params(baseline_model),
                      "bytes": _baseline_bytes(entries)},
         "stages": stage_entries,
@@ -416,6 +417,16 @@ def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_in: list, ref_
             results.append({"device": device.label, "url": device.url, "error": str(exc),
                             "exit_code": exc.exit_code})
     return results
+
+
+def _baseline_on_parity_rows(vcfg, baseline_model, ref_x, ref_y, metric_name: str, metric_fn) -> dict[str, Any]:
+    """With devices: the baseline's metric on the parity rows, the rows a device's metric is computed
+    on (the device gets the manifest's reference inputs, not the whole eval split), so a device's
+    max_metric_drop gate compares the same samples."""
+    if not vcfg.devices:
+        return {}
+    value = metric_fn(torch_outputs(baseline_model, torch.from_numpy(ref_x)), ref_y)
+    return {"metric_on_parity_rows": {"name": metric_name, "value": value, "samples": int(len(ref_y))}}
 
 
 def _device_speedups(entries: list[dict[str, Any]], group: dict[str, str], compressed: bool) -> None:

@@ -206,6 +206,7 @@ validate:
   devices: [native, {url: emu://x86-avx2, name: avx2}]
 gates:
   min_sqnr_db: 45
+  max_metric_drop: 1.0
   max_latency_ms_p90: 50
 """
 
@@ -220,6 +221,11 @@ def test_recipe_fails_on_the_emulated_family_while_the_host_passes(emu, tmp_path
     assert gates["onnx"]["passed"] and not gates["onnx@avx2"]["passed"] and gates["onnx@avx2"]["emulated"]
     assert "onnx@avx2" in error_lines(proc)[0] and len(error_lines(proc)) == 1
     assert "onnx@native" not in gates  # native is the host's entry: judged once, as "onnx"
+    drop = {g["artifact"]: g for g in report["gates"] if g["name"] == "max_metric_drop"}
+    rows = report["baseline"]["metric_on_parity_rows"]  # a device's metric is on the 64 parity rows
+    assert rows["samples"] == 64 and drop["onnx@avx2"]["passed"]
+    avx2_metric = report["artifacts"][0]["devices"][1]["metric"]  # artifacts[0] is "onnx", devices[1] avx2
+    assert drop["onnx@avx2"]["value"] == pytest.approx(rows["value"] - avx2_metric["value"])
     latency = [g for g in report["gates"] if g["name"] == "max_latency_ms_p90"]
     assert [g["artifact"] for g in latency] == ["onnx"] and latency[0]["passed"]
     art = next(a for a in report["artifacts"] if a["name"] == "onnx")

@@ -57,8 +57,8 @@ def device_entry(artifact: Artifact, device: AnyDevice, *, ref_inputs: Sequence[
                      qemu={"binary": str(emu.qemu), "version": emu.qemu_version, "cpu": fam.qemu_cpu})
         # the runner reads /proc/cpuinfo, which under qemu-x86_64 is this host's: name the emulated CPU
         # instead ("isa": the flags on, as the runner lists them; "isa_flags": on and off, as probed)
-        entry["description"] = {**res.description, "cpu": fam.cpu_model, "isa": sorted(k for k, v in emu.isa.items() if v),
-                                "isa_flags": emu.isa,
+        entry["description"] = {**res.description, "cpu": fam.cpu_model,
+                                "isa": sorted(k for k, v in emu.isa.items() if v), "isa_flags": emu.isa,
                                 "emulated_by": f"qemu-{fam.arch} {emu.qemu_version} -cpu {fam.qemu_cpu}",
                                 "runner_cpu": res.description.get("cpu"), "runner_isa": res.description.get("isa")}
     if ref_outputs is not None:

@@ -337,7 +337,8 @@ def _check_hello(session: _Session, hello: dict[str, Any], artifact: Artifact, f
             raise DeviceDependencyError(
                 f"device {label}: {artifact.runtime} cannot be imported by {session.device.remote_python} "
                 f"({rt['error']}); x86 families run this Python: install it here ("
-                f"{INSTALL_HINT[artifact.runtime].replace('python3 -m ', '')}); arm64 ones: remove the cache dir and rerun `edgeprep devices setup`")
+                f"{INSTALL_HINT[artifact.runtime].replace('python3 -m ', '')}); arm64 ones: remove the cache dir "
+                "and rerun `edgeprep devices setup`")
         raise DeviceDependencyError(
             f"device {label}: {artifact.runtime} cannot be imported by {session.device.remote_python} there "
             f"({rt['error']}); install it on the device: {INSTALL_HINT[artifact.runtime]}, or point "
