@@ -4,9 +4,18 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip
 
-.PHONY: venv demo test bench clean
+.PHONY: venv emu-tools demo test bench clean
 
 venv: $(VENV)/.installed
+
+# QEMU user mode and mmdebstrap (Debian packages): the quickstart proves its int8 artifact on
+# emulated CPU families (emu://x86-avx2, emu://arm64-a76, ...); `edgeprep devices setup` then
+# caches the arm64 root and wheels under ~/.cache/edgeprep/emu on first use.
+emu-tools:
+	@command -v qemu-x86_64-static >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1 || { \
+	  s=""; [ "$$(id -u)" = 0 ] || s=sudo; export DEBIAN_FRONTEND=noninteractive; \
+	  $$s apt-get install -y -q qemu-user-static mmdebstrap >/dev/null \
+	  || { $$s apt-get update -q >/dev/null && $$s apt-get install -y -q qemu-user-static mmdebstrap >/dev/null; }; }
 
 # Re-install only when the packaging inputs change. constraints.txt pins the CPU torch build.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -14,10 +23,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[dev,coreml,executorch,litert,litert-convert,hf]'
 	touch $@
 
-demo: venv
+demo: venv emu-tools
 	$(BIN)/edgeprep run recipes/quickstart.yaml --force
 
-test: venv
+test: venv emu-tools
 	$(BIN)/python -m pytest tests --durations=25
 
 bench: venv

@@ -253,6 +253,12 @@ def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
                                                                   "lowest the weights allow)."),
            dynamic_sequence: bool = typer.Option(False, "--dynamic-sequence",
                                                  help="onnx: token models take any sequence length (axis 1)."),
+           int8_weights: str = typer.Option(
+               "s8", help="onnx: int8 Gemm/MatMul weights as trained (s8) or as uint8 + zero point 128 (u8: same "
+                          "numbers, exact on AVX2 x86 kernels for full-range weights, slower on VNNI)."),
+           u8_weight_layer: list[str] = typer.Option(
+               [], "--u8-weight-layer", help="onnx: store only this Linear's int8 weights as uint8 (repeatable); "
+                                             "the fix a failed parity check names."),
            trust_pickle: bool = typer.Option(False, "--trust-pickle"),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Export a checkpoint to one target (artifact dir with manifest and reference data)."""
@@ -264,6 +270,8 @@ def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
         options.update(coreml_weights=coreml_weights, coreml_target=coreml_target)
     if dynamic_sequence:
         options["dynamic_sequence"] = True
+    if int8_weights != "s8" or u8_weight_layer:
+        options.update(int8_weights=int8_weights, u8_weight_layers=list(u8_weight_layer))
     art = export_checkpoint(ckpt, output, options, trust_pickle=trust_pickle)
     if as_json:
         _emit_json({"name": art.name, "target": art.target, "path": str(art.path), "bytes": art.size_bytes,

@@ -235,3 +235,16 @@ def test_recipe_fails_on_the_emulated_family_while_the_host_passes(emu, tmp_path
     assert avx2["latency_is_timing"] is False and "not a timing" in avx2["latency_note"]
     md = (tmp_path / "run" / "report.md").read_text()
     assert "emulated CPUs" in md and "NOT a timing" in md
+    # where it broke, found on the emulated family itself, and the fix re-validated there
+    diagnosis = avx2["diagnosis"]
+    layer = diagnosis["divergence"]["layer"]
+    assert layer["name"].startswith("blocks.") and layer["op_type"] == "Gemm"
+    assert diagnosis["divergence"]["sqnr_after_db"] < 45 <= (diagnosis["divergence"]["sqnr_before_db"] or 1e9)
+    fixes = {f["option"]: f for f in diagnosis["fixes"]}
+    assert fixes["int8_weights: u8"]["passes"] and fixes["int8_weights: u8"]["sqnr_db"] > 45  # measured ~60 dB
+    assert fixes["int8_weights: u8"]["bytes_delta"] > 0  # one uint8 zero point per output channel
+    assert "diagnosis" not in art  # the host passed: nothing to localize there
+    line = error_lines(proc)[0]
+    assert f"first diverging layer {layer['name']} (Gemm)" in line and "export int8_weights: u8 ->" in line
+    assert "qat target_cpu: portable" in line
+    assert "## Where parity breaks" in md and "## Fixes measured on the failing target" in md

@@ -22,6 +22,8 @@ TRT_USABLE = get_runtime("tensorrt").usable_here()[0]
 def test_all_targets_recipe_runs_and_reports_every_runtime(tmp_path_factory):
     text = (REPO / "recipes" / "all-targets.yaml").read_text()
     text = text.replace("steps: 400", "steps: 150").replace("iters: 200", "iters: 20")  # a shorter budget
+    # the emulated families are tested in test_emulate.py; here they would multiply the runtime by ~4
+    text = "\n".join(ln for ln in text.splitlines() if not ln.strip().startswith("devices:"))
     run = finished_run(tmp_path_factory, "all-targets", text) / "run"
     report = json.loads((run / "report.json").read_text())
     arts = {a["name"]: a for a in report["artifacts"]}
