@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip
 
-.PHONY: venv emu-tools demo test bench clean
+.PHONY: venv emu-tools devices demo test bench clean
 
 venv: $(VENV)/.installed
 
@@ -23,10 +23,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[dev,coreml,executorch,litert,litert-convert,hf]'
 	touch $@
 
-demo: venv emu-tools
+# The emulated families' QEMU, arm64 root and aarch64 wheels, from Debian and PyPI, cached once
+# (~350 MB under ~/.cache/edgeprep/emu): set-up, so no test or demo step fetches anything itself.
+devices: venv emu-tools
+	$(BIN)/edgeprep devices setup
+
+demo: devices
 	$(BIN)/edgeprep run recipes/quickstart.yaml --force
 
-test: venv emu-tools
+test: devices
 	$(BIN)/python -m pytest tests --durations=25
 
 bench: venv
