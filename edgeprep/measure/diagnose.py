@@ -134,7 +134,7 @@ def diagnose_entries(entries: list[dict[str, Any]], artifacts: Sequence[Artifact
         if art is None or entry.get("role") != "edgeprep":
             continue
         targets = [(entry, None)] + [(d, devices.get(d.get("device"))) for d in entry.get("devices") or []
-                                     if d.get("url") != "native" and d.get("device") in devices]
+                                     if not d.get("native") and d.get("device") in devices]
         for where, device in targets:
             sq = (where.get("parity") or {}).get("sqnr_db")
             if sq is None or sq >= threshold_db:
