@@ -54,10 +54,14 @@ class DeviceConfig(BaseModel):
     def _no_ssh_fields_elsewhere(self) -> "DeviceConfig":
         if self.url.startswith("ssh://"):
             return self
-        given = [f for f in SSH_ONLY if f in self.model_fields_set]
+        # a field at its default is not a choice: a resolved recipe (run dir's recipe.yaml, used by
+        # --resume) writes every field back out
+        changed = {f for f in self.model_fields_set
+                   if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)}
+        given = [f for f in SSH_ONLY if f in changed]
         if given:
             raise ValueError(f"device {self.url}: {', '.join(given)} apply to ssh:// devices only; remove them")
-        if self.url == NATIVE and "timeout_s" in self.model_fields_set:
+        if self.url == NATIVE and "timeout_s" in changed:
             raise ValueError("device native: timeout_s does not apply (nothing runs again); remove it")
         return self
 
