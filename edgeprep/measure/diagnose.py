@@ -10,12 +10,11 @@ needs retraining (QAT ``target_cpu: portable``) is named, not measured.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from edgeprep.measure.latency import time_callable
 from edgeprep.measure.localize import SAMPLES, host_runner, localize, torch_layer_outputs
 from edgeprep.measure.parity import SQNR_CAP_DB, sqnr_db
 from edgeprep.quant.weight_storage import weights_to_uint8
@@ -112,14 +111,7 @@ def _host_p50_ms(proto: Any, names: Sequence[str], xs: Sequence[np.ndarray]) -> 
     so.log_severity_level = 3
     sess = ort.InferenceSession(proto.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
     feed = {i.name: dict(zip(names, xs))[i.name][:1] for i in sess.get_inputs()}
-    for _ in range(5):
-        sess.run(None, feed)
-    samples = []
-    for _ in range(LATENCY_ITERS):
-        t0 = time.perf_counter_ns()
-        sess.run(None, feed)
-        samples.append(time.perf_counter_ns() - t0)
-    return statistics.median(samples) / 1e6
+    return time_callable(lambda: sess.run(None, feed), warmup=5, iters=LATENCY_ITERS, threads=1, batch=1).p50_ms
 
 
 def diagnose_entries(entries: list[dict[str, Any]], artifacts: Sequence[Artifact], threshold_db: float,
