@@ -34,7 +34,7 @@ demo: devices
 test: devices
 	$(BIN)/python -m pytest tests --durations=25
 
-bench: venv
+bench: devices
 	$(BIN)/python benchmarks/quickstart.py
 	$(BIN)/python benchmarks/ptq_table.py
 	$(BIN)/python benchmarks/profile_repeatability.py
@@ -47,6 +47,7 @@ bench: venv
 	$(BIN)/python benchmarks/targets_table.py  # ~6 min: vit-bench on every target, fp32 and int8
 	$(BIN)/python benchmarks/remote_profile.py # ~8 min: here vs a loopback sshd "device" (needs openssh-server)
 	$(BIN)/python benchmarks/minilm_edge.py    # ~20 min: recipes/minilm-edge.yaml + its artifact vs the ORT peers
+	$(BIN)/python benchmarks/cpu_families.py   # ~60 min: int8 forms on native + 5 emulated CPU families
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info
