@@ -446,7 +446,7 @@ def validate(artifact: Path = typer.Argument(..., help="Artifact directory (with
                   f"top-1 agreement {'n/a' if agree is None else f'{agree:.4f}'}"
                   + (f", {m['name']} {m['value']:.4f} on {m['samples']} reference samples" if m else "")
                   + (f", p50 {lat['p50']:.3f} ms" if lat.get("p50") is not None and not entry.get("emulated")
-                     else ", latency not a timing (emulated)" if entry.get("emulated") else ""))
+                     else ", latency not a timing (emulated)" if entry.get("emulated") else ""), soft_wrap=True)
     if failures:
         err.print(f"[red]error:[/red] {escape(art.name)}: " + escape("; ".join(failures)), soft_wrap=True)
         raise typer.Exit(EXIT_GATE_FAILED)
