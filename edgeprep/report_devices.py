@@ -52,8 +52,8 @@ def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
     if not t.rows:
         return []
     notes = list(described.values())
-    notes.append("Measured on each device over SSH: the artifact and a standalone runner are copied to a temp dir "
-                 "there and removed afterwards. Parity and metric are on the device's outputs for the manifest's "
+    notes.append("Measured on each ssh:// device (or under QEMU on this host for emu://): the artifact and a "
+                 "standalone runner are copied to a temp dir there and removed afterwards. Parity and metric are on the device's outputs for the manifest's "
                  "reference inputs; peak RSS is the runner process's high-water mark (Python and the runtime "
                  "included); speedup is against the fp32 artifact of the same export entry on the same device.")
     if emulated:
