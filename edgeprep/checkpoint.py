@@ -114,6 +114,9 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     state = {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
              for name, t in model.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt"})
+    from edgeprep.fsutil import plain_file_mode
+
+    plain_file_mode(path)  # safetensors writes 0600 whatever the umask
 
 
 def load_checkpoint(ckpt_dir: Path, trust_pickle: bool = False) -> Checkpoint:

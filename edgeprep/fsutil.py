@@ -1,7 +1,10 @@
 """Atomic file and directory writes.
 
 Everything edgeprep writes goes to a temporary name in the same directory and is renamed into
-place, so an interrupted run never leaves a half-written file that looks complete.
+place, so an interrupted run never leaves a half-written file that looks complete. The renamed file
+or directory gets the mode a plain ``open()`` / ``mkdir()`` would give it under the current umask
+(0644 / 0755 under umask 022): ``mkstemp`` / ``mkdtemp`` create 0600 / 0700, which would leave
+report.json unreadable to a CI upload step or a teammate sharing the run directory.
 """
 from __future__ import annotations
 
@@ -15,11 +18,30 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def current_umask() -> int:
+    """The process's umask, without changing it where /proc tells it (os.umask can only swap it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)  # elsewhere: swap and restore (a moment with another umask)
+    os.umask(old)
+    return old
+
+
+def plain_file_mode(path: Path) -> None:
+    """Give a file another library wrote the mode a plain open() would (some write 0600)."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -57,6 +79,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
     except BaseException:
