@@ -347,7 +347,9 @@ def _md_section(sec: Section, level: int, plot_relpath: str) -> list[str]:
     if sec.table is not None and sec.table.rows:
         t = sec.table
         out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
-        out.append("|" + "|".join("---:" if num else "---" for num in t.numeric) + "|")
+        # exactly one delimiter cell per header: GFM renders a table whose counts differ as plain text
+        numeric = (list(t.numeric) + [False] * len(t.headers))[:len(t.headers)]
+        out.append("|" + "|".join("---:" if num else "---" for num in numeric) + "|")
         for row in t.rows:
             out.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
         out.append("")
