@@ -24,8 +24,18 @@ DEBUG_HELP = "Show the full traceback on errors."
 JSON_HELP = "Print machine-readable JSON on stdout."
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from edgeprep import __version__
+
+        out.print(f"edgeprep {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP)) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print edgeprep's version and exit.")) -> None:
     """edgeprep: compress, export, and prove it on the runtime."""
 
 

@@ -1,6 +1,8 @@
 """Bad input -> one line naming the problem and the fix, exit 2, never a traceback."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import run_cli, stderr_lines
@@ -124,3 +126,26 @@ def test_qat_checkpoint_to_a_torch_export_target_is_refused_before_writing(tmp_p
     lines = stderr_lines(proc)
     assert len(lines) == 1 and f"a QAT (fake-quant) model cannot be exported to {target}" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_version_flag_prints_the_package_version(tmp_path):
+    from edgeprep import __version__
+
+    proc = run_cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"edgeprep {__version__}"
+
+
+def test_every_declared_dependency_is_imported():
+    """A declared dependency nothing imports (psutil was one) only costs users an install."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in deps}
+    import_names = {"scikit-learn": "sklearn", "pyyaml": "yaml", "pillow": "PIL", "onnxscript": "onnxscript"}
+    code = "\n".join(p.read_text() for d in ("edgeprep", "exporters") for p in (root / d).rglob("*.py"))
+    # onnxscript is what torch.onnx's dynamo exporter imports (never by name here)
+    unused = [n for n in sorted(names - {"onnxscript"})
+              if not re.search(rf"^\s*(import|from)\s+{re.escape(import_names.get(n, n))}\b", code, re.M)]
+    assert unused == [], f"declared in pyproject.toml but never imported: {unused}"
