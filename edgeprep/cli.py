@@ -269,6 +269,9 @@ def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
            u8_weight_layer: list[str] = typer.Option(
                [], "--u8-weight-layer", help="onnx: store only this Linear's int8 weights as uint8 (repeatable); "
                                              "the fix a failed parity check names."),
+           min_sqnr_db: float = typer.Option(
+               40.0, help="The export's self-check (ONNX Runtime vs the PyTorch model, on this machine) must "
+                          "reach this SQNR, else exit 1; recorded in the manifest for `validate`."),
            trust_pickle: bool = typer.Option(False, "--trust-pickle"),
            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Export a checkpoint to one target (artifact dir with manifest and reference data)."""
@@ -282,12 +285,21 @@ def export(ckpt: Path = typer.Argument(..., help="Stage checkpoint directory."),
         options["dynamic_sequence"] = True
     if int8_weights != "s8" or u8_weight_layer:
         options.update(int8_weights=int8_weights, u8_weight_layers=list(u8_weight_layer))
-    art = export_checkpoint(ckpt, output, options, trust_pickle=trust_pickle)
+    art = export_checkpoint(ckpt, output, options, trust_pickle=trust_pickle, min_sqnr_db=min_sqnr_db)
+    check = art.info.get("check_sqnr_db")  # the exporter's own run on this machine's runtime (ONNX)
     if as_json:
         _emit_json({"name": art.name, "target": art.target, "path": str(art.path), "bytes": art.size_bytes,
-                    "sha256": art.sha256})
+                    "sha256": art.sha256, "check_sqnr_db": check,
+                    "passed": check is None or check >= min_sqnr_db})
     else:
-        out.print(f"exported {art.target}: {art.path} ({art.size_bytes:,} bytes, sha256 {art.sha256[:12]})")
+        out.print(f"exported {art.target}: {art.path} ({art.size_bytes:,} bytes, sha256 {art.sha256[:12]})"
+                  + (f"; self-check {check:.1f} dB" if check is not None else ""))
+    if check is not None and check < min_sqnr_db:  # a failed self-check is a failure, never a silent pass
+        err.print(f"[red]error:[/red] {escape(str(output))}: the export's self-check on this machine reached SQNR "
+                  f"{check:.2f} dB, below the {min_sqnr_db:g} dB expected; the artifact is kept for inspection: "
+                  f"`edgeprep validate {escape(str(output))}` names the first diverging layer and the fix",
+                  soft_wrap=True)
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 # ----------------------------------------------------------------------------- judge artifacts

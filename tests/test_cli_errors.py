@@ -149,3 +149,20 @@ def test_every_declared_dependency_is_imported():
     unused = [n for n in sorted(names - {"onnxscript"})
               if not re.search(rf"^\s*(import|from)\s+{re.escape(import_names.get(n, n))}\b", code, re.M)]
     assert unused == [], f"declared in pyproject.toml but never imported: {unused}"
+
+
+def test_export_fails_when_its_own_self_check_misses_the_expectation(fast_run, tmp_path):
+    """issue 22.3: a self-check below the expectation exits 1 with one line (it used to exit 0)."""
+    import json
+
+    ckpt = fast_run / "stages" / "0-finetune" / "checkpoint"
+    ok = run_cli("export", str(ckpt), "-t", "onnx", "-o", str(tmp_path / "ok"), "--json", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    check = json.loads(ok.stdout)["check_sqnr_db"]
+    assert check > 100  # fp32 vs PyTorch: measured ~130 dB
+    bad = run_cli("export", str(ckpt), "-t", "onnx", "-o", str(tmp_path / "bad"), "--min-sqnr-db", "250", cwd=tmp_path)
+    assert bad.returncode == 1
+    lines = stderr_lines(bad)
+    assert len(lines) == 1 and "self-check" in lines[0] and "below the 250 dB expected" in lines[0]
+    assert (tmp_path / "bad" / "manifest.json").is_file()  # kept whole, for validate to explain
+    assert json.loads((tmp_path / "bad" / "manifest.json").read_text())["expect"]["min_sqnr_db"] == 250
