@@ -167,8 +167,11 @@ def test_short_minilm_recipe_runs_end_to_end_on_onnx_runtime(handle, tmp_path):
     checked = json.loads(proc.stdout)  # the artifact alone, against its stored two-input reference
     assert checked["metric"]["name"] == "mean_cosine" and checked["parity"]["min_cosine"] >= 0.995
     # chained by hand: the QAT checkpoint exported alone gives the same two dynamic inputs and parity
+    # The export's own self-check runs 3 sentences plus a shorter sequence (measured 29.5 dB on this
+    # 2-step QAT model; the 256-sentence parity of the recipe's artifact is asserted above): the
+    # by-hand export states its tolerance, and `edgeprep export` fails below it (default 40 dB).
     proc = run_cli("export", str(tmp_path / "run" / "stages" / "1-qat"), "-t", "onnx", "-o", str(tmp_path / "again"),
-                   "--dynamic-sequence")
+                   "--dynamic-sequence", "--min-sqnr-db", "25")
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads((tmp_path / "again" / "manifest.json").read_text())
     assert [i["shape"] for i in again["inputs"]] == [["batch", "sequence"]] * 2
