@@ -23,7 +23,7 @@ def test_wheel_contents_and_install(tmp_path):
     for required in ("edgeprep/exporters/__init__.py", "edgeprep/exporters/onnx.py",
                      "edgeprep/exporters/onnxruntime_rt.py", "edgeprep/recipes/quickstart.yaml",
                      "edgeprep/exporters/data/tensorrt_onnx_ops.json",
-                     "edgeprep/cli.py", "edgeprep/stages/finetune.py", "edgeprep/pruning/surgery.py"):
+                     "edgeprep/cli/__init__.py", "edgeprep/stages/finetune.py", "edgeprep/pruning/surgery.py"):
         assert required in names, required
     # every package of the source tree ships (a package left out of pyproject's list imports only
     # from an editable install)
