@@ -1,11 +1,18 @@
 """edgeprep.measure.host: the CPU model, architecture and kernel-relevant ISA flags, parsed from
-canned /proc/cpuinfo texts of the CPU families whose int8 kernels differ; runner.py's copy agrees."""
+canned /proc/cpuinfo texts of the CPU families whose int8 kernels differ; the device runner parses
+flags with the same code (edgeprep.cpu_flags, sent ahead of it)."""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 
+from edgeprep.cpu_flags import KERNEL_FLAGS, kernel_isa, sysctl_isa
 from edgeprep.measure import host
 from edgeprep.remote import runner
+from edgeprep.remote.session import runner_source
 
 
 def _x86(model: str, flags: str, n: int) -> str:
@@ -68,7 +75,7 @@ def test_cpuinfo_parse_gives_the_exact_flags(case):
     cpu = host.parse_cpuinfo(text)
     assert cpu == expected
     assert host.cpu_label(cpu) == label
-    assert runner.kernel_isa(text) == expected["isa"]  # the device runner's copy agrees
+    assert kernel_isa(text) == expected["isa"]  # the parser the device runner runs too
 
 
 def test_big_little_names_each_core_type_once():
@@ -78,7 +85,7 @@ def test_big_little_names_each_core_type_once():
 
 def test_empty_and_foreign_text():
     assert host.parse_cpuinfo("") == {"model": None, "arch": None, "isa": [], "cores": None}
-    assert runner.kernel_isa("") == []
+    assert kernel_isa("") == []
     assert host.cpu_label("x86_64") == "x86_64"  # a report from before machine.cpu was a dict
     assert host.cpu_label({"model": "M", "arch": "aarch64", "isa": []}) == "M (aarch64: no kernel-relevant ISA flags)"
 
@@ -86,18 +93,23 @@ def test_empty_and_foreign_text():
 def test_macos_sysctl_flags():
     text = ("hw.optional.arm.FEAT_DotProd: 1\nhw.optional.arm.FEAT_I8MM: 0\nhw.optional.arm.FEAT_BF16: 1\n"
             "hw.optional.AdvSIMD: 1\nhw.optional.floatingpoint: 1\n")
-    assert host.parse_sysctl_optional(text) == ["asimd", "asimddp", "bf16"]
-    assert runner.sysctl_isa(text) == ["asimd", "asimddp", "bf16"]
+    assert sysctl_isa(text) == ["asimd", "asimddp", "bf16"]
 
 
-def test_runner_copy_has_the_same_tables():
-    assert runner.KERNEL_FLAGS == host.KERNEL_FLAGS
-    assert runner.SYSCTL_FLAGS == host.SYSCTL_FLAGS
+def test_the_runner_source_sent_to_devices_parses_flags_without_edgeprep():
+    """session.runner_source() is what a device executes: cpu_flags.py, then runner.py. Run it in an
+    interpreter without site-packages (no edgeprep, no numpy), as a bare board's Python would."""
+    program = ("import sys, json; src = sys.stdin.read(); g = {'__name__': 'probe'}; "
+               "exec(compile(src, 'runner', 'exec'), g); print(json.dumps(g['describe_device']()['isa']))")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", program], input=runner_source().decode(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == host.host_cpu()["isa"]
 
 
 def test_this_host():
     cpu = host.host_cpu()
     assert set(cpu) == {"model", "arch", "isa", "cores"}
     assert cpu["model"] and cpu["arch"] and cpu["cores"] >= 1
-    assert cpu["isa"] == sorted(cpu["isa"]) and set(cpu["isa"]) <= host.KERNEL_FLAGS
+    assert cpu["isa"] == sorted(cpu["isa"]) and set(cpu["isa"]) <= KERNEL_FLAGS
     assert runner.describe_device()["isa"] == cpu["isa"]

@@ -4,24 +4,18 @@ Why: a runtime picks its int8 / fp16 kernels per CPU family (the same ONNX Runti
 measured 74 dB SQNR on an AVX-512 VNNI Xeon and 23 dB on an AVX2-only EPYC), so every parity and
 latency number in a report carries the CPU it was measured on.
 
-Standard library only: edgeprep/remote/runner.py, which runs alone on devices with just numpy and a
-runtime, carries a copy of ``KERNEL_FLAGS`` and the flag parsing (tests/test_host.py keeps the two
-in step). ``parse_cpuinfo`` is a pure function of the /proc/cpuinfo text so it is testable on
-canned texts from other machines.
+Which flags matter, and how they are read, is edgeprep/cpu_flags.py: the one parser the device
+runner uses too. ``parse_cpuinfo`` is a pure function of the /proc/cpuinfo text so it is testable
+on canned texts from other machines.
 """
 from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import sys
 from typing import Any, Mapping, Optional
 
-# Flags that change which kernels a runtime can use (others, e.g. "sse" or "aes", never matter here).
-X86_KERNEL_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
-                    "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-ARM_KERNEL_FLAGS = ("asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "fphp", "asimdhp")
-KERNEL_FLAGS = frozenset(X86_KERNEL_FLAGS + ARM_KERNEL_FLAGS)
+from edgeprep.cpu_flags import kernel_isa, sysctl, sysctl_isa
 
 # The few flags a one-line label shows: the ones that separate int8 / bf16 kernel tiers.
 LABEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
@@ -39,17 +33,6 @@ ARM_PARTS = {
     (0x41, 0xd82): "Cortex-X4", (0x41, 0xd8e): "Neoverse-N3", (0x41, 0xd84): "Neoverse-V3",
 }
 
-# macOS has no /proc/cpuinfo; `sysctl hw.optional` answers "<key>: 1" per feature it has.
-SYSCTL_FLAGS = {
-    "hw.optional.neon": "asimd", "hw.optional.AdvSIMD": "asimd", "hw.optional.arm.FEAT_DotProd": "asimddp",
-    "hw.optional.arm.FEAT_I8MM": "i8mm", "hw.optional.arm.FEAT_BF16": "bf16",
-    "hw.optional.arm.FEAT_FP16": "asimdhp", "hw.optional.neon_fp16": "asimdhp",
-    "hw.optional.sse4_1": "sse4_1", "hw.optional.sse4_2": "sse4_2", "hw.optional.avx1_0": "avx",
-    "hw.optional.avx2_0": "avx2", "hw.optional.fma": "fma", "hw.optional.f16c": "f16c",
-    "hw.optional.avx512f": "avx512f", "hw.optional.avx512bw": "avx512bw", "hw.optional.avx512vl": "avx512vl",
-    "hw.optional.avx512vnni": "avx512_vnni",
-}
-
 
 def parse_cpuinfo(text: str) -> dict[str, Any]:
     """{"model", "arch", "isa", "cores"} from /proc/cpuinfo text; fields it lacks are None
@@ -65,7 +48,7 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
         arch = "x86_64" if "lm" in flags else "i686"  # "lm" (long mode): a 64-bit x86 CPU
     elif "Features" in first:
         arch = {"8": "aarch64", "7": "armv7l"}.get(first.get("CPU architecture", ""), "arm")
-    return {"model": _model(fields), "arch": arch, "isa": sorted(flags & KERNEL_FLAGS), "cores": cores}
+    return {"model": _model(fields), "arch": arch, "isa": kernel_isa(text), "cores": cores}
 
 
 def _fields(block: str) -> dict[str, str]:
@@ -93,16 +76,6 @@ def _model(fields: list[dict[str, str]]) -> Optional[str]:
     return next((f[k] for k in ("model name", "Hardware", "cpu model") for f in fields if f.get(k)), None)
 
 
-def parse_sysctl_optional(text: str) -> list[str]:
-    """Kernel-relevant flags from `sysctl hw.optional` output (macOS), sorted."""
-    flags = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if value.strip() == "1" and key.strip() in SYSCTL_FLAGS:
-            flags.add(SYSCTL_FLAGS[key.strip()])
-    return sorted(flags)
-
-
 def host_cpu() -> dict[str, Any]:
     """This machine's {"model", "arch", "isa", "cores"}; best effort, never raises."""
     cpu: dict[str, Any] = {"model": None, "arch": None, "isa": [], "cores": None}
@@ -111,19 +84,12 @@ def host_cpu() -> dict[str, Any]:
             cpu = parse_cpuinfo(f.read())
     except OSError:
         if sys.platform == "darwin":
-            cpu["model"] = _sysctl("-n", "machdep.cpu.brand_string").strip() or None
-            cpu["isa"] = parse_sysctl_optional(_sysctl("hw.optional"))
+            cpu["model"] = sysctl("-n", "machdep.cpu.brand_string").strip() or None
+            cpu["isa"] = sysctl_isa(sysctl("hw.optional"))
     cpu["arch"] = platform.machine() or cpu["arch"]  # what the running kernel says wins over a guess
     cpu["model"] = cpu["model"] or platform.processor() or cpu["arch"]
     cpu["cores"] = cpu["cores"] or os.cpu_count()
     return cpu
-
-
-def _sysctl(*args: str) -> str:
-    try:
-        return subprocess.run(["sysctl", *args], capture_output=True, text=True, timeout=5, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def cpu_label(cpu: Any, all_flags: bool = False) -> str:

@@ -1,11 +1,12 @@
 """The device side of `edgeprep profile --device ssh://...`: a self-contained runner.
 
-This file is sent over SSH and executed by the device's Python; it must not import edgeprep, only
+This file is sent over SSH (or to a QEMU-emulated Python) and executed by the device's Python, right
+after edgeprep/cpu_flags.py's source (session.runner_source); it must not import edgeprep there, only
 the standard library, numpy and the artifact's runtime (onnxruntime, ai-edge-litert / tflite-runtime,
 or executorch). It keeps to Python 3.8 syntax (JetPack 5 ships 3.8).
 
 Protocol (the host side is edgeprep/remote/session.py):
-  argv: RUNNER_BYTES RUNTIME [REMOTE_TMP]   (the host's bootstrap read RUNNER_BYTES of this source)
+  argv: RUNNER_BYTES RUNTIME [REMOTE_TMP]   (the host's bootstrap read RUNNER_BYTES of the source)
   device -> host, stdout, one JSON object per line with an "event" key:
     hello     device description, the runtime's availability and version, the work dir, free bytes
     received  all files written          loaded  model loaded      measuring  timing started
@@ -83,55 +84,12 @@ def watchdog(stream):
 
 
 # ----------------------------------------------------------------------------- device description
-# A copy of edgeprep/measure/host.py's flag lists and parsing: this file must run without edgeprep
-# (standard library + numpy + the runtime), so the duplication is deliberate; tests/test_host.py
-# checks that both give the same flags. Why: a runtime picks its int8 / fp16 kernels per CPU
-# family, so an on-device number means little without the device's ISA flags.
-KERNEL_FLAGS = frozenset((
-    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-    "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",  # x86
-    "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "fphp", "asimdhp"))  # arm
-SYSCTL_FLAGS = {  # macOS: `sysctl hw.optional` prints "<key>: 1" per feature it has
-    "hw.optional.neon": "asimd", "hw.optional.AdvSIMD": "asimd", "hw.optional.arm.FEAT_DotProd": "asimddp",
-    "hw.optional.arm.FEAT_I8MM": "i8mm", "hw.optional.arm.FEAT_BF16": "bf16",
-    "hw.optional.arm.FEAT_FP16": "asimdhp", "hw.optional.neon_fp16": "asimdhp",
-    "hw.optional.sse4_1": "sse4_1", "hw.optional.sse4_2": "sse4_2", "hw.optional.avx1_0": "avx",
-    "hw.optional.avx2_0": "avx2", "hw.optional.fma": "fma", "hw.optional.f16c": "f16c",
-    "hw.optional.avx512f": "avx512f", "hw.optional.avx512bw": "avx512bw", "hw.optional.avx512vl": "avx512vl",
-    "hw.optional.avx512vnni": "avx512_vnni",
-}
-
-
-def kernel_isa(cpuinfo_text):
-    """Sorted kernel-relevant flags of the first processor in /proc/cpuinfo text that lists any."""
-    for block in cpuinfo_text.split("\n\n"):
-        for line in block.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                return sorted(set(value.split()) & KERNEL_FLAGS)
-    return []
-
-
-def sysctl_isa(text):
-    """Sorted kernel-relevant flags from `sysctl hw.optional` output (macOS)."""
-    return sorted(set(SYSCTL_FLAGS[k.strip()] for k, _, v in (line.partition(":") for line in text.splitlines())
-                      if v.strip() == "1" and k.strip() in SYSCTL_FLAGS))
-
-
-def _device_isa():
-    try:
-        with open("/proc/cpuinfo", errors="replace") as f:
-            return kernel_isa(f.read())
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        try:
-            import subprocess
-            return sysctl_isa(subprocess.run(["sysctl", "hw.optional"], capture_output=True, text=True,
-                                             timeout=5).stdout)
-        except Exception:
-            pass
-    return []
+# The kernel-relevant ISA flags: a runtime picks its int8 / fp16 kernels per CPU family, so an
+# on-device number means little without them. On a device, session.py sends edgeprep/cpu_flags.py's
+# source ahead of this file, so device_isa is already defined; imported on the host, it comes from
+# the package. One parser for both sides.
+if "device_isa" not in globals():
+    from edgeprep.cpu_flags import device_isa
 
 
 def _first_line_value(path, keys):
@@ -177,7 +135,7 @@ def describe_device():
         numpy_version = None
     return {"hostname": platform.node(), "cpu": cpu or platform.processor() or platform.machine(),
             "board": board, "cores": os.cpu_count(), "machine": platform.machine(),
-            "arch": platform.machine() or None, "isa": _device_isa(),
+            "arch": platform.machine() or None, "isa": device_isa(),
             "os": os_name or platform.platform(), "kernel": platform.release(),
             "memory_bytes": int(mem_kib.split()[0]) * 1024 if mem_kib else None,
             "python": platform.python_version(), "numpy": numpy_version}

@@ -37,6 +37,7 @@ from edgeprep.types import Artifact
 AnyDevice = Union[Device, EmulatedDevice]
 
 RUNNER = Path(__file__).with_name("runner.py")
+CPU_FLAGS = Path(__file__).parents[1] / "cpu_flags.py"  # sent ahead of the runner: its ISA flag parser
 # What the device's Python runs first: read the runner's source from stdin and execute it. The
 # runner then keeps reading stdin for its job, so nothing is written to the device but its work dir.
 BOOTSTRAP = ("import sys;n=int(sys.argv[1]);src=sys.stdin.buffer.read(n);"
@@ -212,6 +213,12 @@ class _Session:
         self.proc.wait()
 
 
+def runner_source() -> bytes:
+    """What the device executes: edgeprep/cpu_flags.py (stdlib only), then runner.py, as one program,
+    so the device parses its ISA flags with the host's own code and nothing of edgeprep is imported."""
+    return CPU_FLAGS.read_bytes() + b"\n\n" + RUNNER.read_bytes()
+
+
 def runner_args(source: bytes, runtime: str, remote_tmp: Optional[str]) -> list[str]:
     """The Python arguments that start the runner: bootstrap, then read ``source`` from stdin."""
     return ["-u", "-c", BOOTSTRAP, str(len(source)), runtime, remote_tmp or ""]
@@ -276,7 +283,7 @@ def run_on_device(artifact: Artifact, device: AnyDevice, inputs: Sequence[np.nda
         emulation = prepare(device.family, artifact.runtime, log)
     files = payload_files(artifact)
     npz = _npz_bytes(inputs)
-    source = RUNNER.read_bytes()
+    source = runner_source()
     session = _Session(device, spawn_argv(device, source, artifact.runtime, emulation), source, log,
                        timeout_s=device.timeout_s, env=emulation.env() if emulation else None)
     hello: dict[str, Any] = {}
