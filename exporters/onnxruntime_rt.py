@@ -89,6 +89,28 @@ def session_options(optimize: str = DEFAULT_OPTIMIZE, threads: int = 1,
     return so
 
 
+def ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception types (pybind classes that derive straight from Exception:
+    Fail, InvalidArgument, InvalidGraph, RuntimeException, ...), for ``except`` clauses that turn
+    a runtime failure into a typed one-line error without catching everything else."""
+    import onnxruntime.capi.onnxruntime_pybind11_state as state
+
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+
+
+def session_from_proto(proto: Any, what: str, optimize: str = DEFAULT_OPTIMIZE,
+                       disabled_optimizers: Sequence[str] = ()) -> Any:
+    """An ORT CPU session (one thread) on an in-memory graph; a load failure is a one-line
+    RuntimeFailure naming ``what`` the graph is."""
+    ort = _ort()
+    so = session_options(optimize, 1, None)
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(disabled_optimizers))
+    except ort_errors() as exc:
+        raise RuntimeFailure(f"{what}: ONNX Runtime cannot load it: {one_line(exc)}") from None
+
+
 def create_session(path: Path, optimize: str = DEFAULT_OPTIMIZE, threads: int = 1,
                    optimized_model_path: Optional[Path] = None) -> Any:
     """An ORT CPU session; any load failure becomes a one-line RuntimeFailure."""

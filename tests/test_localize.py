@@ -108,3 +108,18 @@ def test_divergence_json_is_plain_data():
     d = Divergence(None, None, None, "unfused host", {"a": 70.0}, 40.0)
     assert json.loads(json.dumps(d.to_json()))["layer"] is None
     assert "every heavy layer stays >= 40 dB" in d.describe()
+
+
+def test_what_can_fail_while_localizing_is_a_typed_one_line_error(int8_vit):
+    """A diagnosis that cannot run says why in one line (RuntimeFailure, exit 3), never 'unexpected'."""
+    import onnx
+
+    from edgeprep.errors import RuntimeFailure
+    from edgeprep.measure.localize import HeavyLayer, prefix_model
+
+    proto = onnx.load(str(int8_vit[1].path))
+    prefix = prefix_model(proto, heavy_layers(proto)[1])
+    with pytest.raises(RuntimeFailure, match="the graph cut at .*: ONNX Runtime failed to run it: "):
+        host_runner()(prefix, {"x": np.zeros((2, 1, 8, 8), np.float64)})  # float64 into a float graph
+    with pytest.raises(RuntimeFailure, match=r"cannot cut the graph after ghost \(Gemm\) to localize"):
+        prefix_model(proto, HeavyLayer(0, "Gemm", "no_such_tensor", "ghost", None))

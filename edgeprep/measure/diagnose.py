@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from edgeprep.errors import EdgeprepError, ExportError, RuntimeFailure
 from edgeprep.measure.latency import time_callable
 from edgeprep.measure.localize import SAMPLES, host_runner, localize, torch_layer_outputs
 from edgeprep.measure.parity import SQNR_CAP_DB, sqnr_db
@@ -74,7 +75,7 @@ def diagnose(artifact: Artifact, ref_inputs: Sequence[np.ndarray], ref_outputs: 
             try:
                 if not weights_to_uint8(fixed, layers):
                     continue
-            except Exception as exc:  # a layer the pass cannot rewrite: say so, offer the next fix
+            except ExportError as exc:  # a layer the pass cannot rewrite: say so, offer the next fix
                 fixes.append({"option": option, "error": str(exc)})
                 continue
             log(f"re-validate {artifact.name} with {option} on {where}")
@@ -104,14 +105,14 @@ def fix_text(diagnosis: dict[str, Any]) -> str:
 
 def _host_p50_ms(proto: Any, names: Sequence[str], xs: Sequence[np.ndarray]) -> Optional[float]:
     """Batch-1 p50 of the model on this host (one thread): the fix's cost, measured the same way."""
-    from edgeprep.exporters.onnxruntime_rt import _ort, session_options
+    from edgeprep.exporters.onnxruntime_rt import one_line, ort_errors, session_from_proto
 
-    ort = _ort()
-    so = session_options("extended", 1, None)
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    sess = session_from_proto(proto, "the artifact (timing a fix)")
     feed = {i.name: dict(zip(names, xs))[i.name][:1] for i in sess.get_inputs()}
-    return time_callable(lambda: sess.run(None, feed), warmup=5, iters=LATENCY_ITERS, threads=1, batch=1).p50_ms
+    try:
+        return time_callable(lambda: sess.run(None, feed), warmup=5, iters=LATENCY_ITERS, threads=1, batch=1).p50_ms
+    except ort_errors() as exc:
+        raise RuntimeFailure(f"timing a fix on this host: ONNX Runtime failed: {one_line(exc)}") from None
 
 
 def diagnose_entries(entries: list[dict[str, Any]], artifacts: Sequence[Artifact], threshold_db: float,
@@ -134,8 +135,9 @@ def diagnose_entries(entries: list[dict[str, Any]], artifacts: Sequence[Artifact
             try:
                 where["diagnosis"] = diagnose(art, ref_inputs, ref_outputs, threshold_db=threshold_db, device=device,
                                               torch_model=torch_model, torch_x=torch_x, log=log)
-            except Exception as exc:  # a diagnosis that fails must not hide the failed gate it explains
-                where["diagnosis"] = {"summary": f"not localized: {type(exc).__name__}: {exc}"[:300], "fixes": []}
+            except EdgeprepError as exc:  # a typed failure (device lost, graph not cuttable) must not hide the
+                # failed gate it was explaining: the gate still fails, its diagnosis says why there is none
+                where["diagnosis"] = {"summary": f"not localized: {exc}"[:300], "fixes": []}
 
 
 def diagnosis_lines(report: dict[str, Any]) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from edgeprep.errors import RuntimeFailure
 from edgeprep.measure.parity import SQNR_CAP_DB, sqnr_db
 from edgeprep.quant.weight_storage import weight_layer_name
 
@@ -103,7 +104,15 @@ def prefix_model(proto: Any, layer: HeavyLayer) -> Any:
     import onnx.utils
     from onnx import TensorProto, helper
 
-    prefix = onnx.utils.Extractor(proto).extract_model([i.name for i in proto.graph.input], [layer.output])
+    import onnx.checker
+    import onnx.shape_inference
+
+    try:
+        prefix = onnx.utils.Extractor(proto).extract_model([i.name for i in proto.graph.input], [layer.output])
+    except (ValueError, KeyError, onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise RuntimeFailure(f"cannot cut the graph after {layer.name} ({layer.op_type}) to localize: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}; "
+                             "the artifact itself is unchanged") from None
     g = prefix.graph
     first = g.input[0].name
     out = "edgeprep_localize_out"
@@ -131,16 +140,16 @@ Runner = Callable[[Any, dict[str, np.ndarray]], np.ndarray]
 
 def host_runner(optimize: str = "extended", fused: bool = True) -> Runner:
     """Run a prefix on this machine's ONNX Runtime, with the artifact's fusions (or QDQ fusions off)."""
-    from edgeprep.exporters.onnxruntime_rt import _ort, session_options
+    from edgeprep.exporters.onnxruntime_rt import one_line, ort_errors, session_from_proto
 
     def run(prefix: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        ort = _ort()
-        so = session_options(optimize, 1, None)
-        so.log_severity_level = 3
-        disabled = [] if fused else ["QDQSelectorActionTransformer"]
-        sess = ort.InferenceSession(prefix.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=disabled)
-        return sess.run(None, inputs)[0]
+        what = f"the graph cut at {prefix.graph.output[0].name}" + ("" if fused else " (QDQ fusions off)")
+        sess = session_from_proto(prefix, what, optimize,
+                                  disabled_optimizers=[] if fused else ["QDQSelectorActionTransformer"])
+        try:
+            return sess.run(None, inputs)[0]
+        except ort_errors() as exc:
+            raise RuntimeFailure(f"{what}: ONNX Runtime failed to run it: {one_line(exc)}") from None
     return run
 
 
