@@ -135,6 +135,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
     from edgeprep.report_qat import qat_sections
     from edgeprep.report_devices import device_sections
     from edgeprep.report_diagnosis import diagnosis_sections
+    from edgeprep.report_latency import latency_section
     from edgeprep.report_reparam import reparam_sections
     from edgeprep.report_targets import coreml_sections, mobile_sections, not_run_sections, tensorrt_sections
 
@@ -167,7 +168,7 @@ def build_document(report: Mapping[str, Any], plot_notes: Optional[list[str]] = 
         *binarize_sections(report),  # none without a binarize stage
         _model_section(report),
         _run_section(report),
-        _latency_section(arts),
+        latency_section(arts),  # and each artifact's own memory
         _precision_section(arts),
         *not_run_sections(arts),  # none when every runtime ran here
         *coreml_sections(arts),  # none without a Core ML artifact
@@ -279,26 +280,6 @@ def _gates_section(gates: list[Mapping[str, Any]]) -> Section:
                        word] + ([str(g.get("note") or "")] if with_notes else []))
         t.row_status.append(None if g.get("skipped") else ("pass" if ok else "fail"))
     return Section("Gates", t, [] if gates else ["No gate configured in the recipe."])
-
-
-def _latency_section(arts: list[Mapping[str, Any]]) -> Section:
-    t = Table(["name", "p50 ms", "p90 ms", "p99 ms", "mean ms", "95% CI of p50 ms", "iters", "warmup",
-               "threads", "batch", "peak RSS MiB"], numeric=[False] + [True] * 10)
-    for a in arts:
-        lat = a.get("latency_ms")
-        if not isinstance(lat, Mapping):
-            continue
-        ci = lat.get("ci95_p50")
-        if isinstance(ci, (list, tuple)) and len(ci) == 2:
-            ci_s = f"{fmt(ci[0], '.3f')} – {fmt(ci[1], '.3f')}"
-        else:
-            ci_s = fmt(ci, ".3f")
-        rss = as_number(lat.get("peak_rss_bytes"))
-        t.rows.append([artifact_name(a)] + [fmt(lat.get(k), ".3f") for k in ("p50", "p90", "p99", "mean")]
-                      + [ci_s] + [fmt_int(lat.get(k)) for k in ("iters", "warmup", "threads", "batch")]
-                      + [fmt(rss / 2**20 if rss is not None else None, ".1f")])
-        t.row_status.append(None)
-    return Section("Latency details", t, [] if t.rows else ["No artifact was profiled."])
 
 
 def _precision_section(arts: list[Mapping[str, Any]]) -> Section:

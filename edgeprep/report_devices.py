@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from edgeprep.gates import artifact_name
+from edgeprep.measure.memory import load_and_run_bytes
 from edgeprep.report import MISSING, Section, Table, _get, _text, fmt, fmt_metric, fmt_pct, fmt_sqnr
 
 
 def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
-    t = Table(["artifact", "device", "runtime", "p50 ms", "p90 ms", "p99 ms", "speedup on device", "peak RSS MiB",
+    t = Table(["artifact", "device", "runtime", "p50 ms", "p90 ms", "p99 ms", "speedup on device", "load+run MiB",
                "SQNR dB", "top-1 agree", "metric", "status"],
               numeric=[False, False, False, True, True, True, True, True, True, True, True, False])
     described: dict[str, str] = {}
@@ -38,7 +39,7 @@ def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
                                     f"{'memory ' + fmt(mem / 2**30, '.1f', ' GiB') + ', ' if mem else ''}"
                                     f"Python {_text(desc.get('python'))}, numpy {_text(desc.get('numpy'))}")
             lat = d.get("latency_ms") or {}
-            peak = _get(d, "memory", "peak_rss_bytes")
+            added = load_and_run_bytes(d.get("memory"))
             timed = not d.get("emulated")  # emulated milliseconds are not a timing: no number shown
             runtime = f"{_get(d, 'runtime', 'package')} {_get(d, 'runtime', 'version')}" if d.get("runtime") else MISSING
             status = d.get("error") or d.get("not_run") or ("ok (emulated)" if d.get("emulated") else
@@ -46,22 +47,25 @@ def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
             ms = (lambda k: fmt(lat.get(k), ".3f")) if timed else (lambda k: "emulated")
             t.rows.append([artifact_name(a), label, runtime, ms("p50"), ms("p90"), ms("p99"),
                            fmt(d.get("speedup"), ".2f", "x") if timed else "emulated",
-                           fmt(peak / 2**20 if peak else None, ".1f"), fmt_sqnr(d.get("parity")),
+                           fmt(added / 2**20 if added is not None else None, ".1f") if timed else "emulated",
+                           fmt_sqnr(d.get("parity")),
                            fmt_pct(_get(d, "parity", "top1_agreement"), 2), fmt_metric(d.get("metric")), status])
             t.row_status.append("fail" if d.get("error") else None)
     if not t.rows:
         return []
     notes = list(described.values())
     notes.append("Measured on each ssh:// device (or under QEMU on this host for emu://): the artifact and a "
-                 "standalone runner are copied to a temp dir there and removed afterwards. Parity and metric are on the device's outputs for the manifest's "
-                 "reference inputs; peak RSS is the runner process's high-water mark (Python and the runtime "
-                 "included); speedup is against the fp32 artifact of the same export entry on the same device.")
+                 "standalone runner are copied to a temp dir there and removed afterwards. Parity and metric are on "
+                 "the device's outputs for the manifest's reference inputs; load+run MiB is what loading the "
+                 "artifact and running it adds to the runner process (its peak RSS minus its RSS before the load, "
+                 "Python and the runtime already imported; both are in report.json's memory); speedup is against "
+                 "the fp32 artifact of the same export entry on the same device.")
     if emulated:
         notes.append("Emulated devices (emu://) run the same runner and runtime under QEMU user mode on this host, "
                      "so the runtime picks that CPU family's kernels: their SQNR, top-1 agreement and metric are that "
-                     "family's numerics. Their latency is NOT a timing (QEMU translates every instruction): it is "
-                     "kept in report.json with latency_is_timing false, shown here as 'emulated', and no latency or "
-                     "speedup gate reads it.")
+                     "family's numerics. Their latency is NOT a timing (QEMU translates every instruction) and their "
+                     "memory includes QEMU's own translation buffers: both are kept in report.json (latency with "
+                     "latency_is_timing false), shown here as 'emulated', and no latency or speedup gate reads them.")
     if native:
         notes.append("native is this host: its row repeats the artifact's own measurement (not run again).")
     title = "On-device profiles (SSH" + (", emulated CPUs" if emulated else "") + ")"

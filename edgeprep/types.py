@@ -62,7 +62,9 @@ class LatencyStats:
     warmup: int
     threads: int
     batch: int
-    peak_rss_bytes: int  # process high-water mark after profiling (includes the Python process)
+    # No memory figure: the profiling process's RSS is edgeprep's (torch, data, earlier artifacts),
+    # not the artifact's. Each artifact's own memory is measured in a process of its own
+    # (edgeprep/measure/memory.py) and reported beside latency_ms, under "memory".
 
     def to_report(self) -> dict[str, Any]:
         return {
@@ -75,5 +77,4 @@ class LatencyStats:
             "warmup": self.warmup,
             "threads": self.threads,
             "batch": self.batch,
-            "peak_rss_bytes": self.peak_rss_bytes,
         }

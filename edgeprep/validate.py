@@ -57,7 +57,8 @@ def load_runtime(artifact: Artifact, threads: int = 1):
 def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray | Sequence[np.ndarray], ref_outputs: np.ndarray,
           eval_x: Optional[np.ndarray | Sequence[np.ndarray]], eval_y: Optional[np.ndarray], warmup: int, iters: int,
           threads: int, batch: int, save_graph_to: Optional[Path] = None) -> dict[str, Any]:
-    """Measure ``artifact`` on its runtime; returns the report's per-artifact fields.
+    """Measure ``artifact`` on its runtime; returns the report's per-artifact fields: parity, metric,
+    latency_ms (here, in this process), memory (in a subprocess of its own: measure/memory.py), precision.
 
     A runtime that cannot run on this machine (Core ML off macOS, TensorRT without its libraries
     or a GPU) measures nothing: parity, metric and latency are null and ``not_run`` says why, so
@@ -67,8 +68,8 @@ def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray | Sequence[np
     runtime = get_runtime(artifact.runtime)
     usable, why = runtime.usable_here()
     if not usable:
-        return {"parity": None, "metric": None, "latency_ms": None, "precision": None, "not_run": why,
-                "runtime_version": runtime.version()}
+        return {"parity": None, "metric": None, "latency_ms": None, "memory": None, "precision": None,
+                "not_run": why, "runtime_version": runtime.version()}
     loaded = load_runtime(artifact, threads=threads)
     outputs = run_batched(loaded, ref_inputs)
     # provenance: int8 kernels differ per runtime release (and per CPU: report.json's machine.cpu)
@@ -88,6 +89,11 @@ def judge(artifact: Artifact, *, task: str, ref_inputs: np.ndarray | Sequence[np
     profile_inputs = [_batch_of(a, getattr(loaded, "fixed_batch", None) or batch) for a in as_input_list(ref_inputs)]
     stats: LatencyStats = loaded.profile(profile_inputs, warmup=warmup, iters=iters)
     entry["latency_ms"] = stats.to_report()
+    # this process's RSS is edgeprep's (torch, data, earlier artifacts): the artifact's own memory
+    # is its load and run in a fresh process, at the profile batch
+    from edgeprep.measure.memory import measure_memory
+
+    entry["memory"] = measure_memory(artifact, profile_inputs, threads=threads)
     entry["precision"] = loaded.precision_census(save_graph_to=save_graph_to)
     return entry
 

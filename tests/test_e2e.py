@@ -12,7 +12,8 @@ from junitparser import JUnitXml
 from conftest import REPO, error_lines, run_cli, run_recipe_text, stderr_lines
 
 REPORT_KEYS = {"schema", "recipe", "model", "baseline", "stages", "artifacts", "gates", "passed"}
-ARTIFACT_KEYS = {"target", "runtime", "path", "bytes", "sha256", "parity", "metric", "latency_ms", "precision"}
+ARTIFACT_KEYS = {"target", "runtime", "path", "bytes", "sha256", "parity", "metric", "latency_ms", "memory",
+                 "precision"}
 
 
 def test_report_schema_and_numbers(fast_run):
@@ -30,6 +31,14 @@ def test_report_schema_and_numbers(fast_run):
         lat = a["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
         assert lat["iters"] == 30 and lat["batch"] == 1 and lat["threads"] == 1
+        # each artifact's own memory, from a subprocess of its own: not the run's process (626-688 MB,
+        # the same for every artifact); measured ~50 MiB peak, ~10 MiB load+run for these ~100 kB models
+        mem = a["memory"]
+        assert mem["method"] == "subprocess" and mem["batch"] == 1, mem
+        assert 0 < mem["load_and_run_bytes"] < 48 * 2**20
+        assert mem["load_and_run_bytes"] == mem["peak_rss_bytes"] - mem["rss_before_load_bytes"]
+        assert mem["peak_rss_bytes"] < 200 * 2**20
+        assert "peak_rss_bytes" not in lat  # the whole process's mark is no longer reported as the artifact's
     # provenance: this host's CPU and flags, and the runtime release every artifact was measured with
     import onnxruntime
 
@@ -56,7 +65,9 @@ def test_report_schema_and_numbers(fast_run):
     assert "QLinearMatMul" in op_types and "MatMul" not in op_types
     for f in ("report.md", "report.html", "recipe.yaml"):
         assert (fast_run / f).is_file()
-    assert f"\nMeasured on {host_cpu()['model']} (" in (fast_run / "report.md").read_text()
+    md = (fast_run / "report.md").read_text()
+    assert f"\nMeasured on {host_cpu()['model']} (" in md
+    assert "load+run MiB (own process)" in md and "peak RSS MiB" not in md
 
 
 def test_runtime_tests_pass_on_the_run(fast_run):

@@ -134,7 +134,8 @@ def test_time_callable_on_sleep_free_callable():
     assert 0 < stats.p50_ms <= stats.p90_ms <= stats.p99_ms
     lo, hi = stats.ci95_p50_ms
     assert lo <= stats.p50_ms <= hi
-    assert stats.peak_rss_bytes > 10 * 2**20  # a Python process with numpy holds > 10 MiB
+    # no memory figure: this process's RSS is not a callable's (tests/test_memory.py measures an artifact's)
+    assert "peak_rss_bytes" not in stats.to_report()
     assert set(stats.to_report()) >= {"p50", "p90", "p99", "mean", "iters", "threads", "batch"}
 
 

@@ -99,7 +99,6 @@ def test_profile_stats_are_ordered(exported):
     assert stats.iters == 30 and stats.batch == 1 and stats.threads == 1
     assert 0 < stats.p50_ms <= stats.p90_ms <= stats.p99_ms
     assert stats.ci95_p50_ms[0] <= stats.p50_ms <= stats.ci95_p50_ms[1]
-    assert stats.peak_rss_bytes > 10 * 2**20
 
 
 def test_ptq_peers_are_written_and_run(exported, tmp_path):

@@ -53,22 +53,28 @@ def run(recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of
 def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     from rich.table import Table
 
+    from edgeprep.measure.memory import load_and_run_bytes
+
     base = report["baseline"]["metric"]
     out.print(f"[bold]{report['recipe']}[/bold]: baseline {base['name']} {base['value']:.4f} (PyTorch)")
     table = Table("artifact", "role", "runtime", "metric", "SQNR dB", "p50 ms", "p90 ms", "speedup",
-                  "low-prec ops", "bytes")
+                  "low-prec ops", "load+run MiB*", "bytes")
     for a in report["artifacts"]:
         m, p, lat, prec = a.get("metric"), a.get("parity") or {}, a.get("latency_ms") or {}, a.get("precision")
         sq = p.get("sqnr_db")
         if a.get("not_run"):  # its runtime cannot run on this machine (reason below the table)
-            table.add_row(a["name"], a["role"], a["runtime"], *(["not run here"] + ["-"] * 5), f"{a['bytes']:,}")
+            table.add_row(a["name"], a["role"], a["runtime"], *(["not run here"] + ["-"] * 6), f"{a['bytes']:,}")
             continue
         table.add_row(a["name"], a["role"], a["runtime"], f"{m['value']:.4f}" if m else "-",
                       "identical" if sq is None and p else (f"{sq:.1f}" if sq is not None else "-"),
                       f"{lat.get('p50', 0):.3f}", f"{lat.get('p90', 0):.3f}",
                       f"{a['speedup']:.2f}x" if a.get("speedup") else "-",
-                      f"{prec['low_precision_op_fraction']:.2f}" if prec else "-", f"{a['bytes']:,}")
+                      f"{prec['low_precision_op_fraction']:.2f}" if prec else "-",
+                      "-" if (added := load_and_run_bytes(a.get("memory"))) is None else f"{added / 2**20:.1f}",
+                      f"{a['bytes']:,}")
     out.print(table)
+    out.print("* load+run MiB: memory the artifact's load and inference add to a fresh process of its own "
+              "(a subprocess per artifact: its peak RSS minus its RSS before the load)")
     for a in report["artifacts"]:
         if a.get("not_run"):
             out.print(f"{escape(a['name'])}: not run on this machine: {escape(a['not_run'])}")

@@ -1,15 +1,14 @@
-"""Wall-clock latency of a callable: percentiles, a distribution-free CI of the median, peak RSS.
+"""Wall-clock latency of a callable: percentiles and a distribution-free CI of the median.
 
 Shared by every runtime's ``profile``. Latency distributions are skewed (a scheduler hiccup makes
 one call 10x slower), so the median is the headline number and its confidence interval comes from
-order statistics, which assume nothing about the distribution's shape.
+order statistics, which assume nothing about the distribution's shape. Memory is not measured
+here: this process's RSS is edgeprep's own; edgeprep/measure/memory.py measures each artifact's.
 """
 from __future__ import annotations
 
 import gc
 import math
-import resource
-import sys
 import time
 from typing import Any, Callable
 
@@ -42,12 +41,6 @@ def median_ci_ranks(n: int, level: float = CI_LEVEL) -> tuple[int, int]:
     return lo, n + 1 - lo
 
 
-def peak_rss_bytes() -> int:
-    """Process high-water mark of resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
 def summarize_ns(samples_ns: Any, *, warmup: int, threads: int, batch: int) -> LatencyStats:
     """LatencyStats (milliseconds) from per-call durations in nanoseconds."""
     ms = np.sort(np.asarray(samples_ns, dtype=np.float64)) / 1e6
@@ -58,7 +51,7 @@ def summarize_ns(samples_ns: Any, *, warmup: int, threads: int, batch: int) -> L
     lo, hi = median_ci_ranks(n)
     return LatencyStats(p50_ms=p50, p90_ms=p90, p99_ms=p99, mean_ms=float(ms.mean()),
                         ci95_p50_ms=(float(ms[lo - 1]), float(ms[hi - 1])), iters=n, warmup=warmup,
-                        threads=threads, batch=batch, peak_rss_bytes=peak_rss_bytes())
+                        threads=threads, batch=batch)
 
 
 def time_callable(fn: Callable[[], Any], warmup: int, iters: int, threads: int, batch: int) -> LatencyStats:

@@ -3,7 +3,8 @@
 The entry this returns goes into report.json under the artifact, in ``"devices"``:
   {"device": label, "url", "description": {cpu, board, cores, machine, os, kernel, memory_bytes, python, ...},
    "runtime": {"package", "version"}, "latency_ms": {p50, p90, p99, mean, ci95_p50, iters, warmup, threads,
-   batch, peak_rss_bytes}, "memory": {"peak_rss_bytes", "rss_before_load_bytes"}, "load_ms",
+   batch}, "memory": {"method": "device runner", "load_and_run_bytes", "peak_rss_bytes",
+   "rss_before_load_bytes", "rss_source", "peak_reset"} (as the host's, edgeprep/measure/memory.py), "load_ms",
    "parity": {sqnr_db, max_abs, top1_agreement} | null, "metric": {name, value, samples} | null}
 Latency percentiles are computed here from the device's raw per-call samples with the same code
 as on the host (measure/latency.py), so the two are comparable.
@@ -17,13 +18,13 @@ Its latency is QEMU's translation speed, kept for completeness and never gated. 
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from edgeprep.measure.latency import summarize_ns
+from edgeprep.measure.memory import DEVICE_RUNNER, memory_entry
 from edgeprep.remote.emulate import (EMULATED_ITERS, EMULATED_WARMUP, LATENCY_NOTE, EmulatedDevice,
                                      NativeDevice)
 from edgeprep.remote.session import AnyDevice, run_on_device
@@ -44,12 +45,13 @@ def device_entry(artifact: Artifact, device: AnyDevice, *, ref_inputs: Sequence[
     res = run_on_device(artifact, device, list(ref_inputs), warmup=warmup, iters=iters, threads=threads,
                         batch=batch, parity=parity_wanted, log=log)
     stats = summarize_ns(res.samples_ns, warmup=warmup, threads=threads, batch=res.batch)
-    stats = dataclasses.replace(stats, peak_rss_bytes=res.peak_rss_bytes or 0)  # the device's, not ours
     entry: dict[str, Any] = {
         "device": device.label, "url": device.url, "description": res.description,
         "runtime": {"package": res.runtime_package, "version": res.runtime_version},
         "latency_ms": stats.to_report(), "load_ms": res.load_ms,
-        "memory": {"peak_rss_bytes": res.peak_rss_bytes, "rss_before_load_bytes": res.rss_before_load_bytes},
+        "memory": memory_entry({"peak_rss_bytes": res.peak_rss_bytes, "rss_source": res.rss_source,
+                                "rss_before_load_bytes": res.rss_before_load_bytes, "peak_reset": res.peak_reset},
+                               DEVICE_RUNNER),
         "parity": None, "metric": None, "emulated": emulated}
     if emulated and res.emulation is not None:
         emu, fam = res.emulation, device.family
@@ -89,7 +91,8 @@ def native_entry(device: NativeDevice, host_entry: dict[str, Any]) -> dict[str, 
     entry = {"device": device.label, "url": device.url, "native": True, "emulated": False,
              "description": {**describe_device(), "isa_flags": host_isa()},
              "runtime": {"package": host_entry.get("runtime"), "version": host_entry.get("runtime_version")},
-             "latency_ms": host_entry.get("latency_ms"), "parity": host_entry.get("parity"),
+             "latency_ms": host_entry.get("latency_ms"), "memory": host_entry.get("memory"),
+             "parity": host_entry.get("parity"),
              "metric": host_entry.get("metric"),
              "note": f"this host ({platform.machine()}): the artifact's own measurement, not run again; its gates "
                      "are the artifact's"}

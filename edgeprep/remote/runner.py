@@ -1,7 +1,8 @@
 """The device side of `edgeprep profile --device ssh://...`: a self-contained runner.
 
 This file is sent over SSH (or to a QEMU-emulated Python) and executed by the device's Python, right
-after edgeprep/cpu_flags.py's source (session.runner_source); it must not import edgeprep there, only
+after edgeprep/cpu_flags.py's and edgeprep/remote/rss.py's source (session.runner_source); it must
+not import edgeprep there, only
 the standard library, numpy and the artifact's runtime (onnxruntime, ai-edge-litert / tflite-runtime,
 or executorch). It keeps to Python 3.8 syntax (JetPack 5 ships 3.8).
 
@@ -14,6 +15,8 @@ Protocol (the host side is edgeprep/remote/session.py):
     bye       {"cleaned": bool}, always the last line
   host -> device, stdin, after the source: frames of an 8-byte big-endian length and a payload:
     a JSON job (or {"cancel": reason}), then the bytes of each file the job lists, in order.
+    A job with "model_path" (the host's own subprocess, edgeprep/measure/memory.py: same file
+    system) loads the model there in place instead of from a copy in the work dir.
 The host keeps stdin open until "bye". End of stdin before that means the host or the connection
 is gone: a watchdog thread then deletes the work dir and exits, so nothing half-copied is left.
 """
@@ -141,13 +144,10 @@ def describe_device():
             "python": platform.python_version(), "numpy": numpy_version}
 
 
-def peak_rss_bytes():
-    try:
-        import resource
-    except ImportError:  # not on every platform
-        return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+# The memory probe (this process image's own RSS high-water mark, and its reset) is
+# edgeprep/remote/rss.py, sent ahead like cpu_flags.py; imported from the package on the host.
+if "peak_rss_bytes" not in globals():
+    from edgeprep.remote.rss import peak_rss_bytes, reset_peak_rss, rss_source
 
 
 # ----------------------------------------------------------------------------- runtimes
@@ -319,10 +319,13 @@ def measure(job, workdir):
     parity pass's, which runs up to 256 rows at a time."""
     import gc
     import numpy as np
+    # The mark restarts here, so peak - before is the load and the timed calls alone (Python, numpy
+    # and the runtime are already imported); where it cannot restart, before is the mark so far.
+    peak_reset = reset_peak_rss()
     rss_before = peak_rss_bytes()
     t0 = time.perf_counter()
-    runner = RUNNERS[job["runtime"]](os.path.join(workdir, job["model"]), job["threads"], job.get("info") or {},
-                                     job.get("input_names") or [])
+    model = job.get("model_path") or os.path.join(workdir, job["model"])
+    runner = RUNNERS[job["runtime"]](model, job["threads"], job.get("info") or {}, job.get("input_names") or [])
     load_ms = (time.perf_counter() - t0) * 1e3
     emit("loaded", load_ms=load_ms)
     with np.load(os.path.join(workdir, job["inputs"]), allow_pickle=False) as z:
@@ -349,7 +352,8 @@ def measure(job, workdir):
     peak = peak_rss_bytes()
     outputs = run_all(runner, inputs) if job.get("parity", True) else []
     return {"samples_ns": samples, "batch": batch, "load_ms": load_ms, "outputs": [encode_npy(o) for o in outputs],
-            "rss_before_load_bytes": rss_before, "peak_rss_bytes": peak}
+            "rss_before_load_bytes": rss_before, "peak_rss_bytes": peak, "rss_source": rss_source(),
+            "peak_reset": peak_reset}
 
 
 def free_bytes(path):

@@ -38,6 +38,7 @@ AnyDevice = Union[Device, EmulatedDevice]
 
 RUNNER = Path(__file__).with_name("runner.py")
 CPU_FLAGS = Path(__file__).parents[1] / "cpu_flags.py"  # sent ahead of the runner: its ISA flag parser
+RSS = Path(__file__).with_name("rss.py")  # and its memory probe (own RSS high-water mark)
 # What the device's Python runs first: read the runner's source from stdin and execute it. The
 # runner then keeps reading stdin for its job, so nothing is written to the device but its work dir.
 BOOTSTRAP = ("import sys;n=int(sys.argv[1]);src=sys.stdin.buffer.read(n);"
@@ -74,6 +75,8 @@ class RemoteResult:
     workdir: str
     cleaned: bool
     emulation: Optional[Prepared] = None  # the QEMU set-up an emu:// device ran under
+    rss_source: Optional[str] = None  # "VmHWM" (the runner's own image) or "ru_maxrss" (rss.py)
+    peak_reset: Optional[bool] = None  # whether the runner restarted its RSS mark right before the load
 
 
 def payload_files(artifact: Artifact) -> list[tuple[str, Path]]:
@@ -214,9 +217,10 @@ class _Session:
 
 
 def runner_source() -> bytes:
-    """What the device executes: edgeprep/cpu_flags.py (stdlib only), then runner.py, as one program,
-    so the device parses its ISA flags with the host's own code and nothing of edgeprep is imported."""
-    return CPU_FLAGS.read_bytes() + b"\n\n" + RUNNER.read_bytes()
+    """What the device executes: edgeprep/cpu_flags.py and edgeprep/remote/rss.py (stdlib only), then
+    runner.py, as one program, so the device parses its ISA flags and reads its memory with the host's
+    own code and nothing of edgeprep is imported."""
+    return CPU_FLAGS.read_bytes() + b"\n\n" + RSS.read_bytes() + b"\n\n" + RUNNER.read_bytes()
 
 
 def runner_args(source: bytes, runtime: str, remote_tmp: Optional[str]) -> list[str]:
@@ -323,7 +327,8 @@ def run_on_device(artifact: Artifact, device: AnyDevice, inputs: Sequence[np.nda
                         samples_ns=[int(s) for s in result["samples_ns"]], batch=int(result["batch"]),
                         outputs=outputs, load_ms=float(result["load_ms"]), peak_rss_bytes=result["peak_rss_bytes"],
                         rss_before_load_bytes=result["rss_before_load_bytes"], workdir=hello["workdir"],
-                        cleaned=bool(bye.get("cleaned")), emulation=emulation)
+                        cleaned=bool(bye.get("cleaned")), emulation=emulation,
+                        rss_source=result.get("rss_source"), peak_reset=result.get("peak_reset"))
 
 
 def _cancel(session: _Session, reason: str) -> None:
