@@ -3,8 +3,10 @@
 ``train()`` fine-tunes a classifier with cross-entropy, optionally distils logits from a teacher
 (KD with temperature), and lets later stages add named loss terms through ``loss_hooks`` (feature
 distillation, QAT teacher intervention, ...). AdamW, linear warmup then cosine decay, gradient
-accumulation and clipping, a rich progress bar, bit-exact determinism for a given seed, NaN/inf
-detection that restores the last good weights, and DDP (gloo, CPU) under ``torchrun``.
+accumulation and clipping, progress on stderr (``edgeprep.progress``: a bar on a terminal,
+periodic lines in logs), bit-exact determinism for a given seed, NaN/inf detection that restores
+the last good weights, and DDP (gloo, CPU) under ``torchrun``. The loss terms live in
+``edgeprep.losses``.
 
 Batch order: indices are drawn from a stream of seeded permutations and cut into *global*
 micro-batches of ``batch_size``. The stream is the same for any ``grad_accum_steps`` and any world
@@ -20,15 +22,17 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from edgeprep.errors import BadInputError, TrainingDivergedError
 from edgeprep.fsutil import write_bytes_atomic
+from edgeprep.losses import (  # noqa: F401  (re-exported: stages, hooks and tests import them from here)
+    LossHook, StepState, embedding_loss, is_embedding_target, kd_loss, loss_terms, relation_loss)
+from edgeprep.progress import training_progress
 from edgeprep.recipe import DistillConfig, TrainConfig
 
 # Models whose state fits in this many bytes get an in-memory copy after every good step (the copy
@@ -75,28 +79,6 @@ def init_distributed() -> bool:
 
 # ----------------------------------------------------------------------------- public types
 @dataclass
-class StepState:
-    """What a loss hook sees for one micro-batch (this rank's slice under DDP)."""
-
-    step: int  # 0-based optimizer step index
-    total_steps: int
-    micro_step: int  # 0-based micro-batch index within the optimizer step
-    lr: float
-    x: torch.Tensor
-    y: torch.Tensor
-    student_logits: torch.Tensor
-    teacher_logits: Optional[torch.Tensor]
-    model: nn.Module  # the unwrapped student (never the DDP wrapper)
-    teacher: Optional[nn.Module]
-
-
-class LossHook(Protocol):
-    def __call__(self, state: StepState) -> Mapping[str, torch.Tensor]:
-        """Named extra loss terms (scalar means over the micro-batch, already weighted); summed into the loss."""
-        ...
-
-
-@dataclass
 class TrainResult:
     steps: int
     seconds: float
@@ -123,14 +105,6 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int) -> flo
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-sample KL(softmax(t/T) || softmax(s/T)) * T^2 (Hinton et al.; T^2 keeps gradient scale)."""
-    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
-    return kl * (temperature * temperature)
-
-
 def logits_of(output: Any) -> torch.Tensor:
     """Logits from a model output: a tensor, an object with ``.logits`` (HF), or a tuple's first item."""
     if isinstance(output, torch.Tensor):
@@ -155,29 +129,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": ps, "weight_decay": wd}
               for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps]
     return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def is_embedding_target(y: torch.Tensor) -> bool:
-    """Float targets are embeddings to match (task "embedding"); integer ones are class labels."""
-    return y.is_floating_point()
-
-
-def embedding_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample 1 - cos(student, target): 0 when the directions agree (sentence embeddings are
-    compared by cosine, so their length carries nothing)."""
-    return 1.0 - F.cosine_similarity(student.float(), target.float(), dim=-1)
-
-
-def relation_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of the batch's pairwise cosine matrices (off the diagonal): how far
-    the student's neighbourhood structure is from the targets', the thing top-k retrieval reads."""
-    s = F.normalize(student.float(), dim=-1)
-    t = F.normalize(target.float(), dim=-1)
-    n = s.shape[0]
-    if n < 2:
-        return student.new_zeros(())
-    diff = (s @ s.T - t @ t.T) ** 2
-    return (diff.sum() - diff.diagonal().sum()) / (n * (n - 1))
 
 
 @torch.no_grad()
@@ -255,19 +206,6 @@ class _LastGood:
         return ""
 
 
-def _progress_bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # Off unless a person watches (a terminal or a notebook): pytest and CI logs get nothing, not
-    # even rich's final newline. Transient: the finished bar disappears instead of piling up.
-    console = Console(stderr=True)
-    interactive = console.is_terminal or console.is_jupyter
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
-                    console=console, transient=True, disable=not (enabled and interactive))
-
-
 # ----------------------------------------------------------------------------- the loop
 def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
           teacher: Optional[nn.Module] = None, distill: Optional[DistillConfig] = None,
@@ -285,6 +223,8 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
     ``lr_fn(step)`` replaces the warmup + cosine schedule (a stage spanning several calls uses it).
     ``label_weight`` scales the ground-truth cross-entropy (0 leaves it out: pure distillation
     through ``loss_hooks``, as QAT with Teacher Intervention trains).
+    ``progress`` shows step and loss on stderr, labelled ``description`` (rank 0 only; a bar on a
+    terminal, a line every ``EDGEPREP_PROGRESS_INTERVAL_S`` otherwise: ``edgeprep.progress``).
     Raises TrainingDivergedError, with the last good weights restored into ``model`` (and written
     to ``last_good_path`` by rank 0), when a loss term or the gradient norm is not finite.
     """
@@ -319,9 +259,9 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
     start = time.perf_counter()
     try:
         # Seeds dropout & co. without leaking into the caller's global RNG state.
-        with torch.random.fork_rng(devices=[]), _progress_bar(progress and rank == 0) as bar:
+        with torch.random.fork_rng(devices=[]), \
+                training_progress(description, cfg.steps, enabled=progress and rank == 0) as show_progress:
             torch.manual_seed(seed + rank)
-            task = bar.add_task(description, total=cfg.steps, loss=float("nan"))
             for step in range(cfg.steps):
                 lr = lr_fn(step) if lr_fn is not None else lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps)
                 for group in optimizer.param_groups:
@@ -343,8 +283,8 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
                             with torch.no_grad():
                                 teacher_out = logits_of(teacher(x))
                         state = StepState(step, cfg.steps, micro_step, lr, x, y, out, teacher_out, model, teacher)
-                        terms, weights = _loss_terms(state, distill, loss_hooks, cfg.batch_size, label_weight,
-                                                     cfg.relation_weight)
+                        terms, weights = loss_terms(state, distill, loss_hooks, cfg.batch_size, label_weight,
+                                                    cfg.relation_weight)
                         loss = sum(weights[k] * v for k, v in terms.items())
                         values = torch.stack([v.detach() for v in terms.values()] + [loss.detach()])
                         if distributed:  # global means for logging; also makes the NaN check agree on all ranks
@@ -374,51 +314,11 @@ def train(model: nn.Module, split: Any, cfg: TrainConfig, *, seed: int = 0,
                 if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                     entry.update(_evaluate(model, eval_fn))
                 history.append(entry)
-                bar.update(task, advance=1, loss=entry["loss"])
+                show_progress(step + 1, entry["loss"])
     finally:
         model.train(was_training)
     return TrainResult(steps=cfg.steps, seconds=time.perf_counter() - start,
                        final_loss=history[-1]["loss"], history=history, world_size=world)
-
-
-# Names the history uses for its own columns; a hook term may not take them.
-_RESERVED_TERMS = frozenset({"step", "loss", "lr", "grad_norm", "ce", "cos", "rel", "kd"})
-
-
-def _loss_terms(state: StepState, distill: Optional[DistillConfig], hooks: Sequence[LossHook],
-                global_batch: int, label_weight: float = 1.0,
-                relation_weight: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Named loss terms of one micro-batch and their weights in the loss.
-
-    Each term is this rank's share of the global-batch mean (sum over the local slice / global
-    batch size), so summing the shares over ranks gives exactly the single-process value.
-    """
-    share = len(state.y) / global_batch
-    terms: dict[str, torch.Tensor] = {}
-    weights: dict[str, float] = {}
-    alpha = distill.alpha if distill is not None else 0.0
-    embedding = is_embedding_target(state.y)
-    # A term with weight 0 is left out: its NaN must not stop a run it cannot affect.
-    # Embedding targets: the "label" loss is 1 - cos to the target embedding (logged as "cos"),
-    # and KD matches the teacher's embedding by cosine too (a softmax over embedding dims means nothing).
-    if alpha < 1.0 and label_weight > 0:
-        label_sum = embedding_loss(state.student_logits, state.y).sum() if embedding else \
-            F.cross_entropy(state.student_logits, state.y, reduction="sum")
-        name = "cos" if embedding else "ce"
-        terms[name] = label_sum / global_batch
-        weights[name] = (1.0 - alpha) * label_weight
-    if embedding and relation_weight > 0:  # a local-batch term: each rank's share of the mean
-        terms["rel"], weights["rel"] = relation_loss(state.student_logits, state.y) * share, relation_weight
-    if distill is not None and alpha > 0.0:
-        kd = embedding_loss(state.student_logits, state.teacher_logits) if embedding else \
-            kd_loss(state.student_logits, state.teacher_logits, distill.temperature)
-        terms["kd"], weights["kd"] = kd.sum() / global_batch, alpha
-    for hook in hooks:
-        for name, value in hook(state).items():
-            if name in terms or name in _RESERVED_TERMS:
-                raise ValueError(f"loss hook term {name!r} clashes with an existing term or history column")
-            terms[name], weights[name] = value * share, 1.0  # hooks return local means
-    return terms, weights
 
 
 def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module], Mapping[str, float]]) -> dict[str, float]:

@@ -59,11 +59,6 @@ def test_learns_a_separable_task():
     assert evaluate_accuracy(model, blobs(256, seed=2)) > 0.9  # held-out; measured 1.0
 
 
-def test_progress_bar_stays_out_of_captured_logs(capfd):
-    train(mlp(), blobs(64, seed=1), TrainConfig(steps=3, batch_size=16), progress=True)
-    assert capfd.readouterr() == ("", "")  # not a terminal: rich draws nothing, not even a newline
-
-
 # ----------------------------------------------------------------------------- schedule
 def test_lr_schedule_values():
     peak, warmup, total = 1e-3, 10, 110
