@@ -11,16 +11,16 @@ The CLI prints ``result.summary()`` and exits 1 (``GateFailedError``) when ``not
 """
 from __future__ import annotations
 
-import json
 import math
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from edgeprep.errors import BadInputError
-from edgeprep.fsutil import write_bytes_atomic
+from edgeprep.errors import BadInputError, GateFailedError
+from edgeprep.fsutil import write_bytes_atomic, write_json_atomic
 from edgeprep.gates import artifact_name, as_number, clean, metric_drop, within
+from edgeprep.jsonfile import JsonFileError, read_json
 from edgeprep.report import REPORT_SCHEMA
 
 # SQNR at or above this is float32 rounding noise (fp32 kernels that merely reorder sums land at
@@ -74,13 +74,28 @@ def load_report(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInputError(f"report not found: {path} (give a report.json or the run directory holding it)")
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise BadInputError(f"{path} is not a JSON report (not UTF-8 text)") from None
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        report = read_json(path)
+    except JsonFileError as e:
+        raise BadInputError(f"{path}: {e}; give a report.json written by `edgeprep run`") from None
     validate_report(report, str(path))
     return report
+
+
+def save_as_baseline(report_path: Path, baseline_path: Path) -> dict[str, Any]:
+    """Store a run's report as the baseline later runs are checked against (``check --save-baseline``).
+
+    A run that failed its own gates is refused (``GateFailedError``): blessing it would make every
+    later regression of the same size pass. Written atomically, so an existing baseline is replaced
+    whole or not at all.
+    """
+    source = Path(report_path)
+    source = source / "report.json" if source.is_dir() else source
+    report = load_report(source)
+    if report.get("passed") is not True:
+        raise GateFailedError(f"{source}: the run failed its gates, so it cannot be a baseline; fix the run "
+                              "(or its gates) and save again")
+    write_json_atomic(Path(baseline_path), report)
+    return {"report": str(source), "baseline": str(baseline_path), "artifacts": len(report.get("artifacts", []))}
 
 
 def validate_report(report: Any, where: str = "report") -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from edgeprep.errors import BadInputError
 from edgeprep.fsutil import atomic_dir, sha256_file, write_json_atomic
+from edgeprep.jsonfile import JsonFileError, read_json
 from edgeprep.models import load_model
 from edgeprep.models.loaders import (
     absolute_model_config,
@@ -173,9 +174,9 @@ def read_checkpoint_json(ckpt_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BadInputError(f"{ckpt_dir}: no {CONFIG_FILE}; this is not an edgeprep checkpoint directory")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: not valid JSON ({exc}); the checkpoint is corrupted") from None
+        doc = read_json(path)
+    except JsonFileError as exc:
+        raise BadInputError(f"{path}: {exc}; the checkpoint is corrupted") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise BadInputError(f"{path}: schema is {found!r}, expected {SCHEMA!r}; "

@@ -7,7 +7,6 @@ outputs computed by the final PyTorch model.
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from edgeprep.errors import BadInputError, IntegrityError
 from edgeprep.fsutil import path_bytes, sha256_file, write_bytes_atomic, write_json_atomic
+from edgeprep.jsonfile import JsonFileError, read_json_object
 from edgeprep.types import Artifact, TensorSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -84,14 +84,9 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
         raise BadInputError(f"{artifact_dir}: no {MANIFEST_NAME} here; pass an artifact directory "
                             "written by `edgeprep run` or `edgeprep export`")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise IntegrityError(f"{path}: manifest is not valid JSON ({exc.msg} at line {exc.lineno}); "
-                             "re-export the artifact") from None
-    except UnicodeDecodeError:
-        raise IntegrityError(f"{path}: manifest is not UTF-8 text; re-export the artifact") from None
-    if not isinstance(manifest, dict):
-        raise IntegrityError(f"{path}: manifest is not a JSON object; re-export the artifact")
+        manifest = read_json_object(path)
+    except JsonFileError as exc:
+        raise IntegrityError(f"{path}: manifest is {exc}; re-export the artifact") from None
     if manifest.get("schema") != MANIFEST_SCHEMA:
         raise IntegrityError(f"{path}: schema {manifest.get('schema')!r} is not {MANIFEST_SCHEMA!r}; "
                              "re-export the artifact with this edgeprep version")

@@ -10,7 +10,6 @@ Run directory layout (DESIGN.md):
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import shutil
 import time
@@ -28,6 +27,7 @@ from edgeprep.context import Context, StageReport
 from edgeprep.data import BUILTIN_SOURCES
 from edgeprep.errors import BadInputError, EdgeprepError, RuntimeFailure
 from edgeprep.fsutil import write_json_atomic, write_text_atomic
+from edgeprep.jsonfile import JsonFileError, read_json_object
 from edgeprep.manifest import load_artifact, write_manifest
 from edgeprep.measure.host import host_cpu
 from edgeprep.measure.metrics import extra_metrics, metric_for, torch_outputs
@@ -166,6 +166,14 @@ def _stage_dir(run_dir: Path, i: int, kind: str) -> Path:
     return run_dir / "stages" / f"{i}-{kind}"
 
 
+def _done_entry(marker: Path, i: int) -> dict[str, Any]:
+    """A completed stage's report entry, as ``done.json`` stored it on the earlier run."""
+    try:
+        return read_json_object(marker)
+    except JsonFileError as exc:
+        raise BadInputError(f"{marker}: {exc}; delete that file to rerun stage {i} with --resume") from None
+
+
 def _first_compression(recipe: Recipe) -> int:
     for i, st in enumerate(recipe.stages):
         if st.kind not in NON_COMPRESSING_KINDS:
@@ -190,7 +198,7 @@ def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions,
         if opts.resume and marker.is_file():
             ckpt = load_checkpoint(sdir / "checkpoint", trust_pickle=state.trust_pickle)
             model, decisions = ckpt.model.eval(), list(ckpt.decisions)
-            entries.append(json.loads(marker.read_text()))
+            entries.append(_done_entry(marker, i))
             opts.log(f"stage {i} ({cfg.kind}): done in an earlier run, loaded its checkpoint")
         else:
             opts.log(f"stage {i} ({cfg.kind}): running")

@@ -219,23 +219,36 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join("validate" if p == "validate_" else str(p) for p in parts)
 
 
-def _one_line(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    loc = _format_loc(tuple(first["loc"]))
-    msg = first["msg"]
-    kind = first["type"]
+MAX_PROBLEMS_SHOWN = 8  # a recipe with more problems than this is probably the wrong file
+
+
+def _problem(e: Any) -> tuple[str, str]:
+    """(path in the YAML, what is wrong there and how to fix it) for one pydantic error."""
+    loc = _format_loc(tuple(e["loc"]))
+    msg, kind = e["msg"], e["type"]
     if kind == "extra_forbidden":
         msg = f"unknown key {loc.rsplit('.', 1)[-1]!r}; remove it or check its spelling"
     elif kind == "union_tag_invalid":
-        msg = f"unknown stage kind {first['input'].get('kind')!r}" if isinstance(first.get("input"), dict) else msg
+        msg = f"unknown stage kind {e['input'].get('kind')!r}" if isinstance(e.get("input"), dict) else msg
         msg += f"; valid kinds: {', '.join(STAGE_KINDS)}"
     elif kind == "union_tag_not_found":
         msg = f"stage has no `kind`; valid kinds: {', '.join(STAGE_KINDS)}"
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    where = f" at {loc}" if loc else ""
-    return f"{source}: invalid recipe{where}: {msg}{more}"
+    return loc, msg
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    """Every problem pydantic found (up to MAX_PROBLEMS_SHOWN), on one line: the key a user mistyped
+    is often not the first one reported."""
+    problems = [_problem(e) for e in err.errors()]
+    shown = [f"at {loc}: {msg}" if loc else msg for loc, msg in problems[:MAX_PROBLEMS_SHOWN]]
+    if len(problems) == 1:
+        loc, msg = problems[0]
+        return f"{source}: invalid recipe{f' at {loc}' if loc else ''}: {msg}"
+    more = f" (+{len(problems) - MAX_PROBLEMS_SHOWN} more not shown)" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+    numbered = " ".join(f"({i}) {text}" for i, text in enumerate(shown, 1))
+    return f"{source}: invalid recipe, {len(problems)} problems: {numbered}{more}"
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
@@ -269,6 +282,11 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: recipe file not found; `edgeprep recipes` lists the bundled ones")
     try:
         data = yaml.safe_load(path.read_text())
+        return parse_recipe(data, str(path))
+    except RecursionError:
+        # PyYAML's composer and pydantic both recurse per nesting level; no recipe needs more than a few
+        raise RecipeError(f"{path}: nested thousands of levels deep; a recipe is a few levels of mappings "
+                          "and lists (see `edgeprep recipes quickstart`)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -278,4 +296,3 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not a text file; a recipe is UTF-8 YAML") from None
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}); check its permissions") from None
-    return parse_recipe(data, str(path))

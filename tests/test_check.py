@@ -168,7 +168,7 @@ def test_load_report(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "old.json").write_text(json.dumps({"schema": "other/9"}))
-    cases = {"missing.json": "report not found", "bad.json": "is not valid JSON: Expecting property name",
+    cases = {"missing.json": "report not found", "bad.json": "bad.json: not valid JSON: Expecting property name",
              "list.json": "expected a JSON object", "old.json": "schema is 'other/9'"}
     for name, words in cases.items():
         with pytest.raises(BadInputError) as exc:

@@ -209,10 +209,21 @@ def check(report: Path = typer.Argument(..., help="report.json (or run directory
           metric_tolerance: float = typer.Option(0.0, help="Allowed metric drop (absolute)."),
           sqnr_tolerance_db: float = typer.Option(1.0, help="Allowed parity SQNR drop (dB)."),
           size_tolerance: float = typer.Option(0.01, help="Allowed artifact size growth (fraction)."),
+          save_baseline: bool = typer.Option(False, "--save-baseline",
+                                             help="Store REPORT as the --baseline file instead of comparing "
+                                                  "(refused when the run failed its gates)."),
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """CI gate: compare a report with a baseline report; exit 1 on regression."""
-    from edgeprep.check import compare, load_report, write_junit
+    from edgeprep.check import compare, load_report, save_as_baseline, write_junit
 
+    if save_baseline:
+        saved = save_as_baseline(report, baseline)
+        if as_json:
+            emit_json(saved)
+        else:
+            out.print(f"saved {escape(saved['report'])} as the baseline {escape(saved['baseline'])} "
+                      f"({saved['artifacts']} artifacts; its gates passed)")
+        return
     result = compare(load_report(report), load_report(baseline), latency_tolerance=latency_tolerance,
                      metric_tolerance=metric_tolerance, sqnr_tolerance_db=sqnr_tolerance_db,
                      size_tolerance=size_tolerance)

@@ -2,6 +2,7 @@
 `doctor`."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
@@ -11,16 +12,25 @@ from edgeprep.cli.app import JSON_HELP, app, emit_json, err, out
 
 
 @app.command()
-def recipes(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
-    """List the bundled recipes."""
-    from edgeprep.recipes_index import bundled_recipes
+def recipes(name: Optional[str] = typer.Argument(None, help="Print this bundled recipe's YAML (to copy and edit)."),
+            as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """List the bundled recipes, or print one."""
+    from edgeprep.recipes_index import bundled_recipes, recipe_text
 
+    if name is not None:
+        text = recipe_text(name)
+        if as_json:
+            emit_json({"name": name, "yaml": text})
+        else:
+            sys.stdout.write(text)  # raw: rich would re-wrap the YAML
+        return
     rows = bundled_recipes()
     if as_json:
         emit_json(rows)
         return
     for r in rows:
-        out.print(f"[bold]{escape(r['name'])}[/bold]  {escape(r['description'])}  ({escape(r['path'])})")
+        out.print(f"[bold]{escape(r['name'])}[/bold]  {escape(r['description'])}", soft_wrap=True)  # one line each
+    out.print("Run one: `edgeprep run NAME`; copy one to edit it: `edgeprep recipes NAME > my-recipe.yaml`.")
 
 
 @app.command()

@@ -10,10 +10,17 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from edgeprep.errors import RuntimeFailure
+
 # Identical outputs have infinite SQNR, which JSON cannot carry. ``parity`` clips SQNR to
 # +/- SQNR_CAP_DB: float32 rounding noise alone already gives ~140 dB, so 200 dB means "no
 # measurable error" and still compares correctly against any gate (inf >= 40 and 200 >= 40).
 SQNR_CAP_DB = 200.0
+
+
+class OutputMismatch(RuntimeFailure, ValueError):
+    """A runtime returned outputs of another count or shape than the reference (exit 3): the artifact
+    does not compute what its manifest says, so no parity number can be given."""
 
 
 def _f64(a: Any) -> np.ndarray:
@@ -58,11 +65,14 @@ def parity(ref_outputs: Sequence[Any], test_outputs: Sequence[Any]) -> dict[str,
     when the test outputs hold NaN/inf, since JSON has no inf); top1_agreement is computed on the
     first output when it looks like logits (2-D, more than one class), else None.
     """
+    fix = "the artifact does not compute its reference's outputs; re-export it"
     if len(ref_outputs) != len(test_outputs):
-        raise ValueError(f"{len(ref_outputs)} reference outputs vs {len(test_outputs)} test outputs")
-    for r, t in zip(ref_outputs, test_outputs):
+        raise OutputMismatch(f"the runtime returned {len(test_outputs)} outputs where the reference has "
+                             f"{len(ref_outputs)}; {fix}")
+    for i, (r, t) in enumerate(zip(ref_outputs, test_outputs)):
         if np.shape(r) != np.shape(t):
-            raise ValueError(f"shape mismatch: reference {np.shape(r)} vs test {np.shape(t)}")
+            raise OutputMismatch(f"output {i}: the runtime returned shape {np.shape(t)} where the reference has "
+                                 f"{np.shape(r)}; {fix}")
     ref = np.concatenate([_f64(r).ravel() for r in ref_outputs]) if ref_outputs else np.zeros(0)
     tst = np.concatenate([_f64(t).ravel() for t in test_outputs]) if test_outputs else np.zeros(0)
     s = sqnr_db(ref, tst)

@@ -20,7 +20,6 @@ convention, and then the wrapper adds nothing.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from edgeprep.errors import BadInputError, MissingDependencyError
+from edgeprep.jsonfile import JsonFileError, read_json_object
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 # Built-in Hugging Face models a recipe names by source: name -> its local directory.
@@ -177,12 +177,10 @@ IMAGE_ARCHITECTURE_SUFFIXES = ("ForImageClassification", "ForImageClassification
 
 def read_config(path: Path) -> dict[str, Any]:
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError) as exc:
+        config = read_json_object(Path(path) / "config.json")
+    except JsonFileError as exc:
         raise BadInputError(f"{path}/config.json: cannot read it as JSON ({exc}); pass a Hugging Face model "
                             "directory saved with save_pretrained") from None
-    if not isinstance(config, dict):
-        raise BadInputError(f"{path}/config.json: expected a JSON object; pass a Hugging Face model directory")
     return config
 
 
@@ -219,8 +217,8 @@ def _normalization(path: Path, channels: int) -> tuple[list[float], list[float]]
     proc_path = path / "preprocessor_config.json"
     if proc_path.is_file():
         try:
-            proc = json.loads(proc_path.read_text())
-        except (OSError, ValueError) as exc:
+            proc = read_json_object(proc_path)
+        except JsonFileError as exc:
             raise BadInputError(f"{proc_path}: cannot read it as JSON ({exc}); fix or remove it") from None
         if proc.get("do_normalize", True):
             mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
