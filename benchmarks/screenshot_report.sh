@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from edgeprep.gates import evaluate_gates
 from edgeprep.recipe import GatesConfig
-from edgeprep.report import write_reports
+from edgeprep.report import REPORT_SCHEMA, write_reports
 
 def art(name, role, p50, metric, sqnr, nbytes, frac, ops, speedup, info):
     return {"name": name, "target": "onnx", "runtime": "onnxruntime", "role": role,
@@ -24,20 +24,23 @@ def art(name, role, p50, metric, sqnr, nbytes, frac, ops, speedup, info):
             "latency_ms": {"p50": p50, "p90": p50 * 1.08, "p99": p50 * 1.3, "mean": p50 * 1.03, "iters": 200,
                            "threads": 1, "batch": 1, "ci95_p50": [p50 * 0.99, p50 * 1.01], "warmup": 20,
                            "peak_rss_bytes": 412_000_000},
-            "precision": {"low_precision_op_fraction": frac, "ops": ops}, "speedup": speedup, "info": info}
+            "precision": {"low_precision_op_fraction": frac, "ops": ops}, "speedup": speedup, "info": info,
+            "runtime_version": "1.23.0", "memory": None}
 
 report = {
-    "schema": "edgeprep.report/1", "recipe": "vit-bench-qat", "created": "2025-01-01T12:00:00+00:00",
-    "edgeprep_version": "0.1.0", "machine": {"cpu": "x86_64 (2 cores)", "python": "3.11.7", "torch": "2.13.0+cpu",
-                                             "onnxruntime": "1.23.0"},
+    "schema": REPORT_SCHEMA, "recipe": "vit-bench-qat", "created": "2025-01-01T12:00:00+00:00",
+    "edgeprep_version": "0.1.0",
+    "machine": {"platform": "Linux-6.1-x86_64", "processor": "x86_64", "python": "3.11.7", "torch": "2.13.0+cpu",
+                "cpu_threads": 2, "cpu": {"model": "AMD EPYC", "arch": "x86_64", "isa": ["avx2", "fma"], "cores": 2}},
     "model": {"name": "vit-bench", "params": 2_690_186, "macs": 176_947_200},
     "baseline": {"metric": {"name": "accuracy", "value": 0.9694}, "params": 2_690_186, "bytes": 10_784_512},
     "stages": [
         {"kind": "finetune", "seconds": 94.2, "params": 2_690_186, "macs": 176_947_200,
-         "metric": {"name": "accuracy", "value": 0.9694}, "notes": ["trained 12 epochs from scratch"]},
+         "metric": {"name": "accuracy", "value": 0.9694}, "notes": ["trained 12 epochs from scratch"], "details": {}},
         {"kind": "qat", "seconds": 41.7, "params": 2_690_186, "macs": 176_947_200,
          "metric": {"name": "accuracy", "value": 0.9667},
-         "notes": ["int8 weights (per-channel) + int8 activations on 36 Linear", "skipped head: <ignore> re:head"]},
+         "notes": ["int8 weights (per-channel) + int8 activations on 36 Linear", "skipped head: <ignore> re:head"],
+         "details": {}},
     ],
     "artifacts": [
         art("onnx-fp32", "baseline", 9.812, 0.9694, None, 10_784_512, 0.0, {"MatMul": 36, "Gemm": 1}, 1.0,

@@ -49,7 +49,9 @@ def export_artifact(exporter: Any, model: torch.nn.Module, example: tuple[torch.
     export_model, export_example = export_view(export_model, example)
     with atomic_dir(Path(out_dir)) as tmp:
         art = exporter.export(export_model, export_example, tmp, cfg)
-        art = dataclasses.replace(art, name=name, role=role, info={**dict(art.info), "optimize": cfg.optimize})
+        # the ORT optimization level the runtime loads it with (ORT-run targets' option only)
+        optimize = {"optimize": cfg.optimize} if getattr(cfg, "optimize", None) else {}
+        art = dataclasses.replace(art, name=name, role=role, info={**dict(art.info), **optimize})
         write_manifest(art, task=task, ref_inputs=runtime_inputs(model, ref_x), ref_outputs=[ref_out],
                        labels=labels, extra={"expect": expect})
     return load_artifact(Path(out_dir))

@@ -6,6 +6,8 @@ grow), each within a tolerance. A baseline artifact missing from the report fail
 report whose own gates failed (``"passed": false``). A quantity the baseline has but the report
 lost (null) fails; one the baseline never measured cannot regress and is reported as skipped.
 
+Both reports are read through the typed schema (edgeprep/report_schema.py, docs/report-schema.md):
+``edgeprep.report/2``, or a baseline written by an older edgeprep as ``/1``.
 ``compare`` returns a ``CheckResult``; ``write_junit`` turns it into JUnit XML for CI dashboards.
 The CLI prints ``result.summary()`` and exits 1 (``GateFailedError``) when ``not result.passed``.
 """
@@ -19,9 +21,9 @@ from typing import Any, Mapping, Optional
 
 from edgeprep.errors import BadInputError, GateFailedError
 from edgeprep.fsutil import write_bytes_atomic, write_json_atomic
-from edgeprep.gates import artifact_name, as_number, clean, metric_drop, within
+from edgeprep.gates import as_number, clean, metric_drop, within
 from edgeprep.jsonfile import JsonFileError, read_json
-from edgeprep.report import REPORT_SCHEMA
+from edgeprep.report_schema import Artifact, Report, load_report_document
 
 # SQNR at or above this is float32 rounding noise (fp32 kernels that merely reorder sums land at
 # ~100-140 dB; fp16 is ~60 dB, int8 ~20-45 dB). Values are clamped here before comparing, so an
@@ -65,60 +67,52 @@ class CheckResult:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_report(path: Path) -> dict[str, Any]:
-    """Read a report.json (or a run directory holding one); ``BadInputError`` (exit 2) in one line
-    when it is missing, is not JSON, or is not an ``edgeprep.report/1`` report."""
+def read_report_file(path: Path) -> tuple[Path, dict[str, Any], Report]:
+    """(the report.json path, its document as read, the document as a ``Report``) for a report.json or
+    the run directory holding it; ``BadInputError`` (exit 2) in one line when it is missing, is not
+    JSON, or is not an ``edgeprep.report/2`` (or ``/1``) report."""
     path = Path(path)
     if path.is_dir():
         path = path / "report.json"
     if not path.is_file():
         raise BadInputError(f"report not found: {path} (give a report.json or the run directory holding it)")
     try:
-        report = read_json(path)
+        document = read_json(path)
     except JsonFileError as e:
         raise BadInputError(f"{path}: {e}; give a report.json written by `edgeprep run`") from None
-    validate_report(report, str(path))
-    return report
+    return path, document, validate_report(document, str(path))
+
+
+def load_report(path: Path) -> Report:
+    """A report.json (or a run directory holding one) as a ``Report`` (``read_report_file``)."""
+    return read_report_file(path)[2]
 
 
 def save_as_baseline(report_path: Path, baseline_path: Path) -> dict[str, Any]:
     """Store a run's report as the baseline later runs are checked against (``check --save-baseline``).
 
     A run that failed its own gates is refused (``GateFailedError``): blessing it would make every
-    later regression of the same size pass. Written atomically, so an existing baseline is replaced
-    whole or not at all.
+    later regression of the same size pass. The document is stored as it was read (validated
+    first), atomically, so an existing baseline is replaced whole or not at all.
     """
-    source = Path(report_path)
-    source = source / "report.json" if source.is_dir() else source
-    report = load_report(source)
-    if report.get("passed") is not True:
+    source, document, report = read_report_file(report_path)
+    if not report.passed:
         raise GateFailedError(f"{source}: the run failed its gates, so it cannot be a baseline; fix the run "
                               "(or its gates) and save again")
-    write_json_atomic(Path(baseline_path), report)
-    return {"report": str(source), "baseline": str(baseline_path), "artifacts": len(report.get("artifacts", []))}
+    write_json_atomic(Path(baseline_path), document)
+    return {"report": str(source), "baseline": str(baseline_path), "artifacts": len(report.artifacts)}
 
 
-def validate_report(report: Any, where: str = "report") -> None:
-    """The structure ``compare`` relies on; ``BadInputError`` naming the first problem."""
-    if not isinstance(report, Mapping):
-        raise BadInputError(f"{where}: expected a JSON object with schema '{REPORT_SCHEMA}', got {type(report).__name__}")
-    schema = report.get("schema")
-    if schema != REPORT_SCHEMA:
-        raise BadInputError(f"{where}: schema is {schema!r}, expected '{REPORT_SCHEMA}' "
-                            "(produce it with this edgeprep version, or regenerate the baseline)")
-    arts = report.get("artifacts", [])
-    if not isinstance(arts, list) or not all(isinstance(a, Mapping) for a in arts):
-        raise BadInputError(f"{where}: 'artifacts' must be a list of objects")
-    names = [artifact_name(a) for a in arts]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise BadInputError(f"{where}: artifact name(s) {', '.join(dupes)} appear twice; names must be unique")
+def validate_report(report: Any, where: str = "report") -> Report:
+    """``report`` as a typed ``Report``: a ``Report`` as it is, a parsed document through the schema
+    reader (``edgeprep.report/2``, or ``/1`` upgraded); ``BadInputError`` naming the first problem."""
+    return report if isinstance(report, Report) else load_report_document(report, where)
 
 
 # ----------------------------------------------------------------------------- comparing
-def compare(report: Mapping[str, Any], baseline: Mapping[str, Any], latency_tolerance: float = 0.15,
+def compare(report: Report | Mapping[str, Any], baseline: Report | Mapping[str, Any], latency_tolerance: float = 0.15,
             metric_tolerance: float = 0.0, sqnr_tolerance_db: float = 1.0, size_tolerance: float = 0.01) -> CheckResult:
-    """Compare ``report`` with ``baseline`` (both ``edgeprep.report/1`` dicts), artifact by name.
+    """Compare ``report`` with ``baseline`` (``Report``s, or documents read as ones), artifact by name.
 
     Tolerances (a value exactly at the limit passes):
 
@@ -139,20 +133,19 @@ def compare(report: Mapping[str, Any], baseline: Mapping[str, Any], latency_tole
                       ("sqnr_tolerance_db", sqnr_tolerance_db), ("size_tolerance", size_tolerance)):
         if as_number(tol) is None or tol < 0 or math.isinf(tol):
             raise BadInputError(f"{name} must be a finite number >= 0, got {tol!r}")
-    validate_report(report, "report")
-    validate_report(baseline, "baseline")
+    report = validate_report(report, "report")
+    baseline = validate_report(baseline, "baseline")
     cases: list[Case] = []
-    if report.get("passed") is not True:
-        failed = [f"{g.get('name')} ({g.get('artifact')})" for g in report.get("gates") or []
-                  if isinstance(g, Mapping) and not g.get("passed")]
+    if not report.passed:
+        failed = [f"{g.name} ({g.artifact})" for g in report.gates if not g.passed]
         why = f"gate(s) failed: {', '.join(failed)}" if failed else "the report is not marked passed"
         cases.append(Case("report.passed", False, f"report.passed: {why}"))
     else:
         cases.append(Case("report.passed", True, "report.passed: all recipe gates passed"))
 
-    current = {artifact_name(a): a for a in report.get("artifacts", [])}
-    for base_art in baseline.get("artifacts", []):
-        name = artifact_name(base_art)
+    current = {a.name: a for a in report.artifacts}
+    for base_art in baseline.artifacts:
+        name = base_art.name
         art = current.pop(name, None)
         if art is None:
             cases.append(Case(f"{name}.present", False, f"{name}.present: artifact in the baseline is missing from the report"))
@@ -175,36 +168,34 @@ def _lost(case: str, what: str, base: float) -> Case:
     return Case(case, False, f"{case}: {what} was measured in the baseline ({base:g}) but not in the report", baseline=base)
 
 
-def _metric_case(name: str, base_art: Mapping, art: Mapping, tol: float) -> Case:
+def _metric_case(name: str, base_art: Artifact, art: Artifact, tol: float) -> Case:
     case = f"{name}.metric"
-    bm, m = base_art.get("metric"), art.get("metric")
-    base = as_number(bm.get("value")) if isinstance(bm, Mapping) else None
-    if base is None:
+    bm, m = base_art.metric, art.metric
+    base = as_number(bm.value) if bm is not None else None
+    if bm is None or base is None:
         return _skip(case, "metric")
     drop, why = metric_drop(bm, m)
-    if drop is None:
+    if m is None or drop is None:
         if "cannot be compared" in (why or ""):
             return Case(case, False, f"{case}: {why}; refresh the baseline", baseline=base)
         return _lost(case, "metric", base)
-    value = as_number(m.get("value"))
+    value = as_number(m.value)
     ok = within(drop, tol, upper=True)
-    lower_better = (m.get("higher_is_better", bm.get("higher_is_better", True)) is False)
+    lower_better = next((h for h in (m.higher_is_better, bm.higher_is_better) if h is not None), True) is False
     limit = clean(base + tol if lower_better else base - tol)
-    label = m.get("name") or "metric"
-    msg = (f"{case}: {label} {value:g} vs baseline {base:g} (drop {drop:g}, tolerance {tol:g})"
+    msg = (f"{case}: {m.name} {value:g} vs baseline {base:g} (drop {drop:g}, tolerance {tol:g})"
            + ("" if ok else " - regression"))
     return Case(case, ok, msg, value, base, limit)
 
 
-def _clamp_sqnr(art: Mapping) -> Optional[float]:
-    parity = art.get("parity")
-    if not isinstance(parity, Mapping) or "sqnr_db" not in parity:
+def _clamp_sqnr(art: Artifact) -> Optional[float]:
+    if art.parity is None:
         return None
-    v = math.inf if parity["sqnr_db"] is None else as_number(parity["sqnr_db"])
+    v = math.inf if art.parity.sqnr_db is None else as_number(art.parity.sqnr_db)  # null: identical outputs
     return None if v is None else min(v, SQNR_CEILING_DB)
 
 
-def _sqnr_case(name: str, base_art: Mapping, art: Mapping, tol_db: float) -> Case:
+def _sqnr_case(name: str, base_art: Artifact, art: Artifact, tol_db: float) -> Case:
     case = f"{name}.sqnr_db"
     base, value = _clamp_sqnr(base_art), _clamp_sqnr(art)
     if base is None:
@@ -235,20 +226,18 @@ def _grow_case(case: str, what: str, unit: str, base: Optional[float], value: Op
     return Case(case, ok, msg, value, base, limit)
 
 
-def _size_case(name: str, base_art: Mapping, art: Mapping, tol: float) -> Case:
-    return _grow_case(f"{name}.size_bytes", "size", "bytes", as_number(base_art.get("bytes")), as_number(art.get("bytes")), tol,
-                      ",.0f")
+def _size_case(name: str, base_art: Artifact, art: Artifact, tol: float) -> Case:
+    return _grow_case(f"{name}.size_bytes", "size", "bytes", base_art.bytes, art.bytes, tol, ",.0f")
 
 
-def _latency_case(name: str, base_art: Mapping, art: Mapping, tol: float) -> Case:
+def _latency_case(name: str, base_art: Artifact, art: Artifact, tol: float) -> Case:
     case = f"{name}.latency_p50"
-    bl, lat = base_art.get("latency_ms"), art.get("latency_ms")
-    bl = bl if isinstance(bl, Mapping) else {}
-    lat = lat if isinstance(lat, Mapping) else {}
-    base, value = as_number(bl.get("p50")), as_number(lat.get("p50"))
-    if base is not None and value is not None:
-        differs = [f"{k} {lat.get(k)} vs {bl.get(k)}" for k in ("threads", "batch")
-                   if bl.get(k) is not None and lat.get(k) is not None and bl.get(k) != lat.get(k)]
+    bl, lat = base_art.latency_ms, art.latency_ms
+    base = as_number(bl.p50) if bl is not None else None
+    value = as_number(lat.p50) if lat is not None else None
+    if bl is not None and lat is not None and base is not None and value is not None:
+        differs = [f"{k} {getattr(lat, k)} vs {getattr(bl, k)}" for k in ("threads", "batch")
+                   if getattr(bl, k) != getattr(lat, k)]
         if differs:
             return Case(case, False, f"{case}: profiled with different settings ({', '.join(differs)}); "
                         "profile with the baseline's settings or refresh the baseline", value, base)

@@ -4,7 +4,7 @@ A checkpoint directory holds
   checkpoint.json   {"schema", "model": <ModelConfig, paths absolute>, "decisions": [...], "meta": {...}}
   model.safetensors the state dict
 Loading rebuilds the source model (``load_model``), replays each structural decision (pruning
-kept indices, module swaps) through ``DECISION_REPLAYERS`` so the module has the saved structure,
+kept indices, module swaps) through the registered stages' replayers (``edgeprep.registry``) so the module has the saved structure,
 then loads the weights strictly. Nothing is unpickled, so a checkpoint cannot run code on load.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -29,33 +29,15 @@ from edgeprep.models.loaders import (
     set_eval,
     source_path,
 )
-from edgeprep.pruning.bert import BERT_HEADS_KIND, BERT_MLP_KIND, apply_bert_decision
-from edgeprep.pruning.conv import CHANNELS_KIND, apply_channels_decision
-from edgeprep.pruning.surgery import HEADS_KIND, MLP_KIND
-from edgeprep.pruning.surgery import apply_decision as apply_pruning_decision
-from edgeprep.quant.convert import QAT_KIND, replay_qat
-from edgeprep.binary.convert import BINARIZE_KIND, replay_binarize
 from edgeprep.recipe import ModelConfig
-from edgeprep.reparam.fold import FOLD_KIND, replay_fold
-from edgeprep.reparam.surgery import REPARAM_KIND, replay_reparam
+from edgeprep.registry import replayers
 
 SCHEMA = "edgeprep.checkpoint/1"
 CONFIG_FILE = "checkpoint.json"
 WEIGHTS_FILE = "model.safetensors"
 
 # decision["kind"] -> function(model, decision) -> model with that decision applied (structure only;
-# the weights come from model.safetensors afterwards). Every structural decision kind is listed here.
-DECISION_REPLAYERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {
-    HEADS_KIND: apply_pruning_decision,  # attention heads removed from a ViT block
-    MLP_KIND: apply_pruning_decision,  # MLP intermediate neurons removed from a ViT block
-    BERT_HEADS_KIND: apply_bert_decision,  # attention heads removed from a BERT-style layer
-    BERT_MLP_KIND: apply_bert_decision,  # intermediate neurons removed from a BERT-style layer
-    CHANNELS_KIND: apply_channels_decision,  # internal channels removed from a residual CNN block
-    REPARAM_KIND: replay_reparam,  # LayerNorm -> PRepBN / RepBN / BN, ViT attention -> SLA
-    FOLD_KIND: replay_fold,  # PRepBN folded: -> Identity (into its Linears) or a per-channel affine
-    BINARIZE_KIND: replay_binarize,  # Linears -> BinaryLinear, attention -> binary + estimators, word embeddings
-    QAT_KIND: replay_qat,  # Linears -> QuantLinear, attention -> quantized / tapped attention
-}
+# the weights come from model.safetensors afterwards): each stage kind's StageSpec.replayers.
 
 
 @dataclass
@@ -152,10 +134,10 @@ def load_checkpoint(ckpt_dir: Path, trust_pickle: bool = False) -> Checkpoint:
 
 def replay_decision(model: nn.Module, decision: dict, where: str = "decision") -> nn.Module:
     kind = decision.get("kind") if isinstance(decision, dict) else None
-    replay = DECISION_REPLAYERS.get(kind) if isinstance(kind, str) else None
+    known = replayers()
+    replay = known.get(kind) if isinstance(kind, str) else None
     if replay is None:
-        known = ", ".join(sorted(DECISION_REPLAYERS)) or "none registered"
-        raise BadInputError(f"{where}: unknown decision kind {kind!r}; known kinds: {known} "
+        raise BadInputError(f"{where}: unknown decision kind {kind!r}; known kinds: {', '.join(sorted(known))} "
                             "(is the stage that wrote it part of this edgeprep version?)")
     out = replay(model, decision)
     if not isinstance(out, nn.Module):

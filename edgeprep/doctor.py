@@ -1,6 +1,7 @@
 """`edgeprep doctor`: each runtime / extra: installed?, version, usable here?; and this CPU's ISA flags."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata as md
 import importlib.util
@@ -47,19 +48,35 @@ def _tensorrt_probe() -> tuple[bool, str]:
     return True, "imported; needs an NVIDIA GPU to build engines"
 
 
-COMPONENTS: tuple[Component, ...] = (
+# What every target needs; each target's own packages (and their probes) are in its TargetSpec.
+CORE: tuple[Component, ...] = (
     Component("torch", "torch", "torch", None, "all"),
     Component("onnx", "onnx", "onnx", None, "onnx"),
     Component("onnxscript", "onnxscript", "onnxscript", None, "onnx (dynamo exporter)"),
-    Component("onnxruntime", "onnxruntime", "onnxruntime", None, "onnx, ort-mobile", _ort_probe),
-    Component("coremltools", "coremltools", "coremltools", "coreml", "coreml", _coreml_probe),
-    Component("executorch", "executorch", "executorch", "executorch", "executorch"),
-    Component("ai-edge-litert", "ai_edge_litert", "ai-edge-litert", "litert", "litert (interpreter)"),
-    Component("litert-torch", "litert_torch", "litert-torch", "litert-convert", "litert (converter)"),
-    Component("tensorrt", "tensorrt", "tensorrt", "tensorrt", "tensorrt (engine build, needs a GPU)", _tensorrt_probe),
-    Component("polygraphy", "polygraphy", "polygraphy", "tensorrt", "tensorrt (runs and compares engines)"),
     Component("transformers", "transformers", "transformers", "hf", "Hugging Face models"),
 )
+ORT = Component("onnxruntime", "onnxruntime", "onnxruntime", None, "", _ort_probe)
+COREMLTOOLS = Component("coremltools", "coremltools", "coremltools", "coreml", "", _coreml_probe)
+EXECUTORCH = Component("executorch", "executorch", "executorch", "executorch", "")
+LITERT = Component("ai-edge-litert", "ai_edge_litert", "ai-edge-litert", "litert", "interpreter")
+LITERT_TORCH = Component("litert-torch", "litert_torch", "litert-torch", "litert-convert", "converter")
+TENSORRT = Component("tensorrt", "tensorrt", "tensorrt", "tensorrt", "engine build, needs a GPU", _tensorrt_probe)
+POLYGRAPHY = Component("polygraphy", "polygraphy", "polygraphy", "tensorrt", "runs and compares engines")
+
+
+def components() -> list[Component]:
+    """The core packages, then every registered target's, each once, naming the targets that need it."""
+    from edgeprep.registry import target_specs
+
+    users: dict[str, list[str]] = {}
+    found: dict[str, Component] = {}
+    for spec in target_specs().values():
+        for c in spec.components:
+            found.setdefault(c.name, c)
+            users.setdefault(c.name, []).append(spec.name)
+    per_target = [dataclasses.replace(c, targets=", ".join(users[c.name]) + (f" ({c.targets})" if c.targets else ""))
+                  for c in found.values()]
+    return [*CORE[:3], *per_target, *CORE[3:]]
 
 
 def _version(dist: str) -> Optional[str]:
@@ -71,7 +88,7 @@ def _version(dist: str) -> Optional[str]:
 
 def diagnose() -> list[dict]:
     rows = []
-    for c in COMPONENTS:
+    for c in components():
         installed = importlib.util.find_spec(c.module) is not None
         row = {"name": c.name, "installed": installed, "version": _version(c.dist) if installed else None,
                "extra": c.extra, "targets": c.targets, "usable": False, "note": ""}

@@ -1,4 +1,4 @@
-"""Typed errors. Each carries the CLI exit code documented in DESIGN.md.
+"""Typed errors. Each carries the CLI exit code documented in the README ("Exit codes").
 
 Exit codes: 0 ok, 1 a gate or check failed, 2 bad input, 3 export or runtime failure,
 4 missing optional dependency. The CLI prints ``str(error)`` as one line; messages should say

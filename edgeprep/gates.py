@@ -3,10 +3,13 @@
 A gate applies to every artifact with role ``"edgeprep"`` (the model the user ships); the
 ``baseline`` and ``ptq`` artifacts are in the report for comparison only and are never gated.
 A gate whose quantity could not be measured FAILS, with ``value: null`` and a note saying what is
-missing: a tolerance is never skipped silently (DESIGN.md: "a failed tolerance is never a warning").
+missing: a tolerance is never skipped silently (README: "a failed tolerance is never a warning").
 
+The gates read the report through its typed model (edgeprep/report_schema.py): a ``Report``, or
+the pipeline's report being built (a dict with ``baseline`` and ``artifacts``, no gates yet).
 Each result is a dict ``{"name", "artifact", "limit", "value", "passed", "note"}`` that goes
-verbatim into ``report["gates"]``; ``note`` is ``None`` unless something needs explaining.
+verbatim into ``report["gates"]`` (``GateResult`` in docs/report-schema.md); ``note`` is ``None``
+unless something needs explaining.
 
 Devices: the numeric gates (DEVICE_GATES: metric drop, SQNR, top-1 agreement) also judge every
 entry in a shipped artifact's ``"devices"`` (ssh:// boards and emu:// emulated CPU families), each
@@ -19,10 +22,11 @@ latency, least of all an emulated one's, which is QEMU's translation speed and n
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 from edgeprep.errors import GateFailedError
 from edgeprep.recipe import GatesConfig
+from edgeprep.report_schema import Artifact, DeviceEntry, GateInputs, Metric, Report, gate_inputs
 
 SHIPPED_ROLE = "edgeprep"
 
@@ -64,56 +68,57 @@ def within(value: float, limit: float, *, upper: bool) -> bool:
     return ok or math.isclose(value, limit, rel_tol=_REL_SLACK, abs_tol=1e-12)
 
 
-def metric_drop(reference: Any, metric: Any) -> tuple[Optional[float], Optional[str]]:
-    """How much ``metric`` ({"name", "value"}) lost against ``reference``, and why not if unknown.
+def metric_drop(reference: Optional[Metric], metric: Optional[Metric]) -> tuple[Optional[float], Optional[str]]:
+    """How much ``metric`` lost against ``reference``, and why not if unknown.
 
-    Metrics are higher-is-better (accuracy, embedding cosine fidelity) unless the metric dict says
-    ``"higher_is_better": false``; then the drop is ``value - reference`` (e.g. a loss that grew).
+    Metrics are higher-is-better (accuracy, embedding cosine fidelity) unless the metric says
+    ``higher_is_better: false``; then the drop is ``value - reference`` (e.g. a loss that grew).
     """
-    if not isinstance(reference, Mapping) or as_number(reference.get("value")) is None:
+    ref_v = as_number(reference.value) if reference is not None else None
+    if reference is None or ref_v is None:
         return None, "baseline metric not measured"
-    if not isinstance(metric, Mapping) or as_number(metric.get("value")) is None:
+    v = as_number(metric.value) if metric is not None else None
+    if metric is None or v is None:
         return None, "metric not measured on the runtime"
-    ref_name, name = reference.get("name"), metric.get("name")
-    if ref_name is not None and name is not None and ref_name != name:
-        return None, f"metric '{name}' cannot be compared with baseline metric '{ref_name}'"
-    ref_v, v = as_number(reference["value"]), as_number(metric["value"])
-    higher_is_better = metric.get("higher_is_better", reference.get("higher_is_better", True))
-    drop = (ref_v - v) if higher_is_better is not False else (v - ref_v)
+    if reference.name != metric.name:
+        return None, f"metric '{metric.name}' cannot be compared with baseline metric '{reference.name}'"
+    higher_is_better = next((h for h in (metric.higher_is_better, reference.higher_is_better) if h is not None), True)
+    drop = (ref_v - v) if higher_is_better else (v - ref_v)
     return clean(drop), None
 
 
 def artifact_name(artifact: Mapping[str, Any]) -> str:
-    # DESIGN.md's first schema had no "name"; the target is unique per run when name is absent.
+    """An artifact entry's name in a report dict (the views read dicts). The first report schema had
+    no "name"; the target is unique per run when name is absent (report_schema_v1.py does the same)."""
     return str(artifact.get("name") or artifact.get("target") or "?")
 
 
+# What a gate judges: an artifact's measurement on this host, or one of its device entries.
+Entry = Union[Artifact, DeviceEntry]
+# What it judges them against: a whole report, or the pipeline's report being built (no gates yet).
+Judged = Union[Report, GateInputs]
 # Each measure returns (value, note). value None means "could not be measured" -> the gate fails.
-Measure = Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[Optional[float], Optional[str]]]
+Measure = Callable[[Judged, Entry], tuple[Optional[float], Optional[str]]]
 
 
-def _metric_drop(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
-    baseline = report.get("baseline") or {}
-    return metric_drop(baseline.get("metric") if isinstance(baseline, Mapping) else None, art.get("metric"))
+def _metric_drop(report: Judged, entry: Entry) -> tuple[Optional[float], Optional[str]]:
+    return metric_drop(report.baseline.metric if report.baseline else None, entry.metric)
 
 
-def _device_metric_drop(report: Mapping[str, Any], dev: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
+def _device_metric_drop(report: Judged, dev: Entry) -> tuple[Optional[float], Optional[str]]:
     """A device's metric is computed on the parity rows (the reference inputs it was sent), so its
     drop is taken against the baseline's metric on those same rows when the report has it."""
-    baseline = report.get("baseline") or {}
-    rows = baseline.get("metric_on_parity_rows") if isinstance(baseline, Mapping) else None
-    metric = dev.get("metric")
-    if isinstance(rows, Mapping) and isinstance(metric, Mapping) and rows.get("samples") == metric.get("samples"):
-        return metric_drop(rows, metric)
+    rows = report.baseline.metric_on_parity_rows if report.baseline else None
+    if rows is not None and dev.metric is not None and rows.samples == dev.metric.samples:
+        return metric_drop(rows, dev.metric)
     return _metric_drop(report, dev)
 
 
-def _sqnr_db(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
-    parity = art.get("parity")
-    if not isinstance(parity, Mapping) or "sqnr_db" not in parity:
+def _sqnr_db(report: Judged, entry: Entry) -> tuple[Optional[float], Optional[str]]:
+    if entry.parity is None:
         return None, "parity not measured on the runtime"
-    raw = parity["sqnr_db"]
-    if raw is None:  # the pipeline's convention: identical outputs, infinite SQNR
+    raw = entry.parity.sqnr_db
+    if raw is None:  # the schema's convention: identical outputs, infinite SQNR
         return math.inf, "outputs identical to the reference (infinite SQNR)"
     value = as_number(raw)
     if value is None:
@@ -121,33 +126,31 @@ def _sqnr_db(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optiona
     return value, None
 
 
-def _top1(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
-    parity = art.get("parity")
-    if not isinstance(parity, Mapping):
+def _top1(report: Judged, entry: Entry) -> tuple[Optional[float], Optional[str]]:
+    if entry.parity is None:
         return None, "parity not measured on the runtime"
-    value = as_number(parity.get("top1_agreement"))
+    value = as_number(entry.parity.top1_agreement)
     if value is None:  # a tolerance the run cannot show fails: the recipe asks for something meaningless here
         return None, ("top-1 agreement does not apply: the model's first output is not class logits (e.g. an "
                       "embedding model); remove min_top1_agreement from the recipe's gates")
     return value, None
 
 
-def _latency_p90(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
-    latency = art.get("latency_ms")
-    value = as_number(latency.get("p90")) if isinstance(latency, Mapping) else None
+def _latency_p90(report: Judged, entry: Entry) -> tuple[Optional[float], Optional[str]]:
+    value = as_number(entry.latency_ms.p90) if entry.latency_ms is not None else None
     return (value, None) if value is not None else (None, "p90 latency not measured on the runtime")
 
 
-def _speedup(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
-    value = as_number(art.get("speedup"))
+def _speedup(report: Judged, entry: Entry) -> tuple[Optional[float], Optional[str]]:
+    value = as_number(entry.speedup)
     if value is None:
         return None, "speedup unknown (no fp32 baseline artifact profiled on the same runtime)"
     return value, None
 
 
-def _size_bytes(report: Mapping[str, Any], art: Mapping[str, Any]) -> tuple[Optional[float], Optional[str]]:
-    value = as_number(art.get("bytes"))
-    return (value, None) if value is not None else (None, "artifact size unknown")
+def _size_bytes(report: Judged, entry: Entry) -> tuple[Optional[float], Optional[str]]:
+    # a host artifact always has its file size (the schema requires it); no device entry is size-gated
+    return (float(entry.bytes), None) if isinstance(entry, Artifact) else (None, "artifact size unknown")
 
 
 # gate name -> (measure, upper limit?) ; order = order in the report
@@ -165,14 +168,15 @@ GATES: dict[str, tuple[Measure, bool]] = {
 DEVICE_GATES = ("max_metric_drop", "min_sqnr_db", "min_top1_agreement")
 
 
-def evaluate_gates(gates: GatesConfig, report: Mapping[str, Any]) -> list[dict[str, Any]]:
+def evaluate_gates(gates: GatesConfig, report: Union[Judged, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One result per (configured gate, artifact with role ``"edgeprep"``), in ``GATES`` order,
     each followed by one per device entry of that artifact for the DEVICE_GATES.
 
     A configured gate with no ``edgeprep`` artifact to judge yields one failed result with
     ``artifact: None``: the recipe promised a tolerance the run cannot show.
     """
-    shipped = [a for a in report.get("artifacts") or [] if isinstance(a, Mapping) and a.get("role", SHIPPED_ROLE) == SHIPPED_ROLE]
+    inputs = gate_inputs(report)
+    shipped = [a for a in inputs.artifacts if a.role == SHIPPED_ROLE]
     results: list[dict[str, Any]] = []
     for name, (measure, upper) in GATES.items():
         limit = getattr(gates, name, None)
@@ -182,27 +186,27 @@ def evaluate_gates(gates: GatesConfig, report: Mapping[str, Any]) -> list[dict[s
             results.append(_result(name, None, limit, None, False, "no artifact with role 'edgeprep' to judge"))
             continue
         for art in shipped:
-            results.append(_judge(gates, report, name, art, artifact_name(art), limit, measure, upper,
-                                  "this machine"))
+            results.append(_judge(gates, inputs, name, art, art.name, limit, measure, upper, "this machine"))
             if name not in DEVICE_GATES:
                 continue
-            for dev in art.get("devices") or []:
-                if not isinstance(dev, Mapping) or dev.get("native"):  # native: the result just above
+            for dev in art.devices or []:
+                if dev.native:  # the host's own measurement: the result just above
                     continue
-                label = str(dev.get("device") or dev.get("url") or "?")
-                result = _judge(gates, report, name, dev, f"{artifact_name(art)}@{label}", limit,
+                label = dev.device or dev.url or "?"
+                result = _judge(gates, inputs, name, dev, f"{art.name}@{label}", limit,
                                 _device_metric_drop if name == "max_metric_drop" else measure, upper, f"device {label}")
-                result.update(device=label, device_url=dev.get("url"), emulated=bool(dev.get("emulated")))
+                result.update(device=label, device_url=dev.url, emulated=bool(dev.emulated))
                 results.append(result)
     return results
 
 
-def _judge(gates: GatesConfig, report: Mapping[str, Any], name: str, entry: Mapping[str, Any], label: str,
+def _judge(gates: GatesConfig, report: Judged, name: str, entry: Entry, label: str,
            limit: Any, measure: Measure, upper: bool, where: str) -> dict[str, Any]:
     """One gate on one entry: an artifact's host measurement or one of its device entries."""
-    if entry.get("error"):  # a device that failed: its numbers are unknown, so the gate fails
-        return _result(name, label, limit, None, False, f"{where} failed: {entry['error']}")
-    not_run = entry.get("not_run")
+    error = entry.error if isinstance(entry, DeviceEntry) else None
+    if error:  # a device that failed: its numbers are unknown, so the gate fails
+        return _result(name, label, limit, None, False, f"{where} failed: {error}")
+    not_run = entry.not_run
     if not_run and name != "max_size_bytes":  # the size is known without running it
         skip = getattr(gates, "unavailable_runtimes", "fail") == "skip"
         note = f"not run on {where}: {not_run}" + (" (skipped: gates.unavailable_runtimes is skip)" if skip else "")

@@ -1,6 +1,6 @@
 """Run a recipe: load -> stages (checkpoint after each) -> export -> judge on runtime -> gates -> report.
 
-Run directory layout (DESIGN.md):
+Run directory layout (README; report.json: docs/report-schema.md):
   recipe.yaml                      the resolved recipe
   stages/<i>-<kind>/checkpoint/    checkpoint.json + model.safetensors (atomic)
   stages/<i>-<kind>/done.json      marker with the stage's report entry; a stage is done only then
@@ -33,6 +33,7 @@ from edgeprep.measure.host import host_cpu
 from edgeprep.measure.metrics import extra_metrics, metric_for, torch_outputs
 from edgeprep.models.hf import runtime_inputs
 from edgeprep.recipe import Recipe, load_recipe
+from edgeprep.report_schema import REPORT_SCHEMA
 from edgeprep.text_data import TEXT_SOURCES
 
 DONE_MARKER = "done.json"
@@ -183,7 +184,7 @@ def _first_compression(recipe: Recipe) -> int:
 
 def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions, main: bool):
     from edgeprep.checkpoint import load_checkpoint, save_checkpoint
-    from edgeprep.stages import get_stage
+    from edgeprep.stages import run_stage
 
     model = state.model.eval()
     decisions: list[dict[str, Any]] = []
@@ -209,7 +210,7 @@ def _run_stages(recipe: Recipe, state: _Inputs, run_dir: Path, opts: RunOptions,
             if main:
                 sdir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
-            model = get_stage(cfg).apply(model, ctx).eval()
+            model = run_stage(cfg, model, ctx)
             seconds = time.perf_counter() - t0
             decisions = ctx.decisions
             entry = _stage_entry(cfg.kind, seconds, model, state, ctx.report, metric_name, metric_fn)
@@ -348,7 +349,7 @@ def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model
     _device_speedups(entries, group, compressed)
 
     report = {
-        "schema": "edgeprep.report/1",
+        "schema": REPORT_SCHEMA,
         "recipe": recipe.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "edgeprep_version": __version__,

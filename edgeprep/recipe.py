@@ -1,4 +1,5 @@
-"""The recipe: pydantic models, ``extra="forbid"`` at every level, stages as a discriminated union.
+"""The recipe: pydantic models, ``extra="forbid"`` at every level; a stage is the config of its
+registered kind (``edgeprep.registry``).
 
 Everything that can be checked without running is checked here, at load time: unknown keys (with
 their path, e.g. ``stages.1.pruning_ratio``), wrong types, unknown stage kinds and targets, and the
@@ -7,16 +8,19 @@ order of stages across the recipe.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BeforeValidator, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from edgeprep.errors import RecipeError
+from edgeprep.exporters.options import ExportOptions
 from edgeprep.recipe_stages import (  # noqa: F401  (re-exported: the stage configs are part of the recipe's API)
-    EXCLUSIVE_KINDS, STAGE_CONFIGS, STAGE_KINDS, STAGE_RANK, BinarizeConfig, DistillConfig, FinetuneConfig,
-    PruneConfig, QatConfig, QatLossWeights, ReparamConfig, StageConfig, StageUnion, Strict, TrainConfig,
-    TrainingStageConfig, TrainOverrides, check_stage_order)
+    AnyStage, BinarizeConfig, DistillConfig, FinetuneConfig, PruneConfig, QatConfig, QatLossWeights, ReparamConfig,
+    StageConfig, Strict, TrainConfig, TrainingStageConfig, TrainOverrides, check_stage_order, stage_kinds)
+from edgeprep.registry import target_spec, target_specs
 from edgeprep.remote.config import DeviceConfig
 
 
@@ -50,55 +54,23 @@ class DataConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- export
-OptimizeLevel = Literal["disable", "basic", "extended", "all"]
+def _dispatch_target(value: Any) -> Any:
+    """An ``export:`` item -> its target's options model (``TargetSpec.options``): an option of
+    another target is an unknown key at its path (``export.0.ptq``)."""
+    if not isinstance(value, dict):
+        return value
+    names = sorted(target_specs())
+    if "target" not in value:
+        raise PydanticCustomError("union_tag_not_found", "export entry has no `target`; valid targets: {names}",
+                                  {"names": ", ".join(names)})
+    if value["target"] not in names:
+        raise PydanticCustomError("union_tag_invalid", "unknown target {target}; valid targets: {names}",
+                                  {"target": repr(value["target"]), "names": ", ".join(names)})
+    return target_spec(value["target"]).options.model_validate(value)
 
 
-class ExportTargetConfig(Strict):
-    target: str
-    # artifact directory name under artifacts/; defaults to the target
-    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    # onnx options
-    opset: int = Field(20, ge=18)  # 20: Gelu is one op (at 18 it is 5 that ORT does not fuse back)
-    dynamo: bool = True  # dynamo exporter, falling back to TorchScript (recorded in the report)
-    optimize: OptimizeLevel = "extended"  # ORT graph optimization level used to run/profile
-    mobile: bool = False  # also write ORT's .ort format
-    mobile_fixed_batch: Optional[int] = Field(None, ge=1)  # .ort with the batch axis fixed (NNAPI / CoreML EPs)
-    ptq: list[Literal["dynamic", "static"]] = Field(default_factory=list)  # ORT PTQ peers
-    # binarized models: binary weights 1 bit each on disk (unpacked at load) or INT2 (MatMulNBits)
-    binary_storage: Literal["packed1", "int2"] = "packed1"
-    dynamic_sequence: bool = False  # token models: dim 1 of the inputs (sequence) is symbolic too
-    residual_sum: bool = True  # onnx: residual Add -> LayerNorm as Sum (ORT's SkipLayerNorm fusion is slow)
-    # onnx: int8 Gemm / MatMul weights as trained (s8) or as uint8 + zero point 128 (u8: same numbers,
-    # exact on AVX2 x86 kernels without retraining, slower on VNNI; edgeprep.quant.cpu_family);
-    # u8_weight_layers: only these Linears as uint8 (the fix a failed parity check names)
-    int8_weights: Literal["s8", "u8"] = "s8"
-    u8_weight_layers: list[str] = Field(default_factory=list)
-    # executorch / litert options
-    static_batch: int = Field(1, ge=1)  # edge programs run one fixed input shape
-    # also the target's own int8 PTQ peer (executorch: PT2E + XNNPACKQuantizer; litert: ai-edge-quantizer;
-    # tensorrt: ORT's QDQ quantizer with TensorRT's explicit-quantization settings)
-    int8: bool = False
-    # coreml options (exporters/coreml.py): weights as carried from the model or compressed anew,
-    # and the minimum deployment target (None: the lowest the weights allow, iOS16 or iOS18)
-    coreml_weights: Literal["auto", "fp16", "fp32", "int8", "palettize4", "palettize2", "int4-block"] = "auto"
-    coreml_target: Optional[Literal["iOS16", "iOS17", "iOS18"]] = None
-    # tensorrt options (exporters/tensorrt.py): the engine's optimization profile runs batch 1 to
-    # max_batch, tuned at static_batch; a float artifact's engine precision
-    max_batch: int = Field(32, ge=1)
-    tensorrt_precision: Literal["fp16", "fp32"] = "fp16"
-
-    @field_validator("target")
-    @classmethod
-    def _known_target(cls, v: str) -> str:
-        from edgeprep.exporters import EXPORTERS
-
-        if v not in EXPORTERS:
-            raise ValueError(f"unknown target {v!r}; valid targets: {', '.join(sorted(EXPORTERS))}")
-        return v
-
-    @property
-    def artifact_name(self) -> str:
-        return self.name or self.target
+# An ``export:`` entry: any registered target's options (serialised with its own fields).
+AnyTarget = Annotated[SerializeAsAny[ExportOptions], BeforeValidator(_dispatch_target)]
 
 
 # ----------------------------------------------------------------------------- validate / gates
@@ -149,8 +121,8 @@ class Recipe(Strict):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    stages: list[StageUnion] = Field(default_factory=list)
-    export: list[ExportTargetConfig] = Field(default_factory=list)
+    stages: list[AnyStage] = Field(default_factory=list)
+    export: list[AnyTarget] = Field(default_factory=list)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     gates: GatesConfig = Field(default_factory=GatesConfig)
 
@@ -159,27 +131,11 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
         check_stage_order([s.kind for s in self.stages])
-        # Every directory the exports will write, including derived ones (-baseline, -ptq-*).
-        names = [n for e in self.export
-                 for n in (e.artifact_name, f"{e.artifact_name}-baseline", *(f"{e.artifact_name}-ptq-{k}" for k in e.ptq),
-                           *([f"{e.artifact_name}-int8", f"{e.artifact_name}-baseline-int8"] if e.int8 else []))]
+        # Every directory the exports will write, including derived ones (-baseline, -ptq-*, -int8).
+        names = [n for e in self.export for n in (e.artifact_name, f"{e.artifact_name}-baseline", *e.derived_names())]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"export: artifact name(s) {', '.join(dupes)} used twice; give each a distinct `name`")
-        for i, e in enumerate(self.export):
-            if e.target != "onnx" and (e.ptq or e.mobile):
-                raise ValueError(f"export.{i}: `ptq` and `mobile` apply to target onnx only, not {e.target}")
-            if e.target != "coreml" and (e.coreml_weights != "auto" or e.coreml_target is not None):
-                raise ValueError(f"export.{i}: `coreml_weights` and `coreml_target` apply to target coreml only, "
-                                 f"not {e.target}")
-            if e.int8 and e.target not in ("executorch", "litert", "tensorrt"):
-                raise ValueError(f"export.{i}: `int8` applies to targets executorch, litert and tensorrt, not "
-                                 f"{e.target} (for onnx use `ptq: [static]`)")
-            if e.target != "tensorrt" and (e.max_batch != 32 or e.tensorrt_precision != "fp16"):
-                raise ValueError(f"export.{i}: `max_batch` and `tensorrt_precision` apply to target tensorrt only, "
-                                 f"not {e.target}")
-            if e.target == "tensorrt" and e.static_batch > e.max_batch:
-                raise ValueError(f"export.{i}: static_batch {e.static_batch} exceeds max_batch {e.max_batch}")
         sla_at = next((i for i, st in enumerate(self.stages)
                        if isinstance(st, ReparamConfig) and st.attention == "sla"), None)
         qat_at = next((i for i, st in enumerate(self.stages) if isinstance(st, QatConfig)), None)
@@ -211,12 +167,7 @@ class Recipe(Strict):
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
-    # pydantic puts the discriminator value into the path ("stages.0.finetune.lr"); drop it so the
-    # path is the one the user sees in the YAML ("stages.0.lr").
-    parts = list(loc)
-    if len(parts) >= 3 and parts[0] == "stages" and isinstance(parts[1], int) and parts[2] in STAGE_KINDS:
-        del parts[2]
-    return ".".join("validate" if p == "validate_" else str(p) for p in parts)
+    return ".".join("validate" if p == "validate_" else str(p) for p in loc)
 
 
 MAX_PROBLEMS_SHOWN = 8  # a recipe with more problems than this is probably the wrong file
@@ -227,12 +178,10 @@ def _problem(e: Any) -> tuple[str, str]:
     loc = _format_loc(tuple(e["loc"]))
     msg, kind = e["msg"], e["type"]
     if kind == "extra_forbidden":
-        msg = f"unknown key {loc.rsplit('.', 1)[-1]!r}; remove it or check its spelling"
-    elif kind == "union_tag_invalid":
-        msg = f"unknown stage kind {e['input'].get('kind')!r}" if isinstance(e.get("input"), dict) else msg
-        msg += f"; valid kinds: {', '.join(STAGE_KINDS)}"
-    elif kind == "union_tag_not_found":
-        msg = f"stage has no `kind`; valid kinds: {', '.join(STAGE_KINDS)}"
+        key = loc.rsplit('.', 1)[-1]
+        owners = [n for n, spec in target_specs().items() if key in spec.options.model_fields] if loc.startswith("export.") else []
+        msg = (f"unknown key {key!r}; it is an option of target {', '.join(owners)} only" if owners else
+               f"unknown key {key!r}; remove it or check its spelling")
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     return loc, msg
@@ -260,18 +209,18 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         raise RecipeError(_one_line(err, source)) from None
 
 
-def parse_export_target(data: dict[str, Any], where: str) -> ExportTargetConfig:
+def parse_export_target(data: dict[str, Any], where: str) -> ExportOptions:
     """Validate one export target given outside a recipe (CLI options), with the same messages."""
     try:
-        return ExportTargetConfig.model_validate(data)
+        return TypeAdapter(AnyTarget).validate_python(dict(data))
     except ValidationError as err:
-        raise RecipeError(_one_line(err, where)) from None
+        raise RecipeError(_one_line(err, where).replace(": invalid recipe", ": invalid option", 1)) from None
 
 
 def parse_stage_options(config_cls: type[StageConfig], data: dict[str, Any], where: str) -> StageConfig:
     """Validate a stage config given outside a recipe (CLI options), with the recipe's one-line messages."""
     try:
-        return config_cls.model_validate({k: v for k, v in data.items() if v is not None})
+        return config_cls.model_validate(dict(data))  # an explicit None (e.g. --no-distill) is a value
     except ValidationError as err:
         raise RecipeError(_one_line(err, where).replace(": invalid recipe", ": invalid option", 1)) from None
 

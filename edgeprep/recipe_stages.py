@@ -4,9 +4,12 @@ re-exports every name here, so stages and the CLI import them from there.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from edgeprep.registry import stage_spec, stage_specs
 
 
 class Strict(BaseModel):
@@ -207,31 +210,52 @@ class BinarizeConfig(TrainingStageConfig):
         return self
 
 
-# Stage kinds in the order they may appear. ``finetune`` may go anywhere; every other kind must
-# come after all kinds of a lower rank (e.g. prune before reparam before qat/binarize), and the
-# low-precision kinds are mutually exclusive. Later issues add their kinds here.
-STAGE_RANK: dict[str, int] = {"prune": 1, "reparam": 2, "qat": 3, "binarize": 3}
-EXCLUSIVE_KINDS: tuple[frozenset[str], ...] = (frozenset({"qat", "binarize"}),)
+# ----------------------------------------------------------------------------- the registry's view
+def _dispatch_stage(value: Any) -> Any:
+    """A ``stages:`` item -> its kind's config (the registry's ``StageSpec.config``), so pydantic
+    reports a nested error at its path (``stages.1.pruning_ratio``) and a plugin's kind is as
+    valid as a built-in one."""
+    if not isinstance(value, dict):
+        return value  # an already-built config (the Python API), or a type error pydantic reports
+    kinds = list(stage_specs())
+    if "kind" not in value:
+        raise PydanticCustomError("union_tag_not_found", "stage has no `kind`; valid kinds: {kinds}",
+                                  {"kinds": ", ".join(kinds)})
+    kind = value["kind"]
+    if kind not in kinds:
+        raise PydanticCustomError("union_tag_invalid", "unknown stage kind {kind}; valid kinds: {kinds}",
+                                  {"kind": repr(kind), "kinds": ", ".join(kinds)})
+    return stage_spec(kind).config.model_validate(value)
 
-STAGE_CONFIGS: tuple[type[StageConfig], ...] = (FinetuneConfig, PruneConfig, ReparamConfig, QatConfig,
-                                                 BinarizeConfig)
-STAGE_KINDS: tuple[str, ...] = tuple(c.model_fields["kind"].default for c in STAGE_CONFIGS)
-StageUnion = Annotated[Union[STAGE_CONFIGS], Field(discriminator="kind")]
+
+# A recipe's ``stages:`` entry: any registered kind's config (serialised with its own fields).
+AnyStage = Annotated[SerializeAsAny[StageConfig], BeforeValidator(_dispatch_stage)]
+
+
+def stage_kinds() -> tuple[str, ...]:
+    return tuple(stage_specs())
 
 
 def check_stage_order(kinds: list[str]) -> None:
-    """Raise ValueError when ``kinds`` break the cross-stage order rules."""
-    for group in EXCLUSIVE_KINDS:
-        present = sorted(group.intersection(kinds))
-        if len(present) > 1:
-            raise ValueError(f"stages {' and '.join(present)} cannot both appear in one recipe")
+    """Raise ValueError when ``kinds`` break the registered order rules: each ranked kind comes after
+    every kind of a lower rank, conflicting kinds never share a recipe, required kinds come first."""
+    specs = {k: stage_spec(k) for k in dict.fromkeys(kinds)}
+    for kind, spec in specs.items():
+        clash = sorted(spec.conflicts.intersection(kinds))
+        if clash:
+            raise ValueError(f"stages {' and '.join(sorted([kind, *clash]))} cannot both appear in one recipe")
     highest, highest_at = 0, -1
     for i, kind in enumerate(kinds):
-        rank = STAGE_RANK.get(kind)
+        missing = [r for r in specs[kind].requires if r not in kinds[:i]]
+        if missing:
+            raise ValueError(f"stage {i} ({kind}) needs an earlier {' and '.join(missing)} stage")
+        rank = specs[kind].rank
         if rank is None:
             continue
         if rank < highest:
             before = kinds[highest_at]
-            raise ValueError(f"stage {i} ({kind}) must come before stage {highest_at} ({before}): "
-                             f"order is prune, reparam, then qat or binarize")
+            ranked = sorted((s for s in stage_specs().values() if s.rank is not None), key=lambda s: s.rank)
+            order = ", then ".join(" or ".join(s.kind for s in ranked if s.rank == r)
+                                   for r in sorted({s.rank for s in ranked}))
+            raise ValueError(f"stage {i} ({kind}) must come before stage {highest_at} ({before}): order is {order}")
         highest, highest_at = rank, i

@@ -11,25 +11,25 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from edgeprep.report import Section, _get, _text, fmt, fmt_int
+from edgeprep.report_model import Section, cell_text, fmt, fmt_int, get_nested
 from edgeprep.report_qat import history_table  # same columns: step, intervention, loss, terms
 
 
 def binarize_entries(report: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
     stages = [s for s in report.get("stages") or [] if isinstance(s, Mapping)]
-    return [(i, b) for i, s in enumerate(stages) if isinstance(b := _get(s, "details", "binarize"), Mapping)]
+    return [(i, b) for i, s in enumerate(stages) if isinstance(b := get_nested(s, "details", "binarize"), Mapping)]
 
 
 def _settings(b: Mapping[str, Any]) -> str:
-    weights = _get(b, "loss_weights") or {}
+    weights = get_nested(b, "loss_weights") or {}
     loss = ", ".join(f"{k} {v:g}" for k, v in weights.items()) if isinstance(weights, Mapping) else "—"
-    head = _text(b.get("head")) + " kept full precision" if b.get("head") else "head binarized"
-    return (f"settings: binary weights, activations {_text(b.get('activations'))}, residual estimators rank "
-            f"{_text(b.get('estimator_rank'))}; {_text(b.get('binary_linears'))} binary Linears, "
-            f"{_text(b.get('attention_layers'))} attention layers, {_text(b.get('binary_embeddings'))} binary "
-            f"embedding tables; {head}; intervention {_text(b.get('intervention'))} for "
-            f"{_text(b.get('intervention_steps'))} of {_text(b.get('steps'))} steps; loss weights {loss}; "
-            f"ground-truth loss weight {_text(b.get('label_loss'))}.")
+    head = cell_text(b.get("head")) + " kept full precision" if b.get("head") else "head binarized"
+    return (f"settings: binary weights, activations {cell_text(b.get('activations'))}, residual estimators rank "
+            f"{cell_text(b.get('estimator_rank'))}; {cell_text(b.get('binary_linears'))} binary Linears, "
+            f"{cell_text(b.get('attention_layers'))} attention layers, {cell_text(b.get('binary_embeddings'))} binary "
+            f"embedding tables; {head}; intervention {cell_text(b.get('intervention'))} for "
+            f"{cell_text(b.get('intervention_steps'))} of {cell_text(b.get('steps'))} steps; loss weights {loss}; "
+            f"ground-truth loss weight {cell_text(b.get('label_loss'))}.")
 
 
 def _accuracy(b: Mapping[str, Any]) -> str:
@@ -52,15 +52,15 @@ def _cost(b: Mapping[str, Any]) -> str:
 def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
     lines = []
     for art in report.get("artifacts") or []:
-        info = _get(art, "info", "quantized_graph", "binary")
+        info = get_nested(art, "info", "quantized_graph", "binary")
         if not isinstance(info, Mapping):
             continue
         on_disk, fp32 = info.get("binary_weight_bytes_on_disk"), info.get("fp32_binary_weight_bytes")
         ratio = f", {fp32 / on_disk:.1f}x fewer than fp32's {fmt_int(fp32)} B" if on_disk and fp32 else ""
         lines.append(f"artifact {art.get('name')}: {fmt_int(info.get('binary_weights'))} binary weights stored "
                      f"as {'/'.join(info.get('binary_weight_storage') or [])}: {fmt_int(on_disk)} B on disk "
-                     f"({_text(info.get('bits_per_binary_weight_on_disk'))} bits each{ratio}); at run time "
-                     f"{_text(info.get('resident_bits_per_binary_weight'))} bits each ({info.get('note', '')}); "
+                     f"({cell_text(info.get('bits_per_binary_weight_on_disk'))} bits each{ratio}); at run time "
+                     f"{cell_text(info.get('resident_bits_per_binary_weight'))} bits each ({info.get('note', '')}); "
                      f"other initializers {fmt_int(info.get('other_initializer_bytes'))} B.")
     return lines
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from edgeprep.gates import artifact_name
 from edgeprep.measure.memory import load_and_run_bytes
-from edgeprep.report import MISSING, Section, Table, _get, _text, fmt, fmt_metric, fmt_pct, fmt_sqnr
+from edgeprep.report_model import MISSING, Section, Table, cell_text, fmt, fmt_metric, fmt_pct, fmt_sqnr, get_nested
 
 
 def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
@@ -19,29 +19,30 @@ def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
     emulated = native = False
     for a in arts:
         for d in a.get("devices") or []:
-            label = _text(d.get("device"))
+            label = cell_text(d.get("device"))
             desc = d.get("description")
             emulated, native = emulated or bool(d.get("emulated")), native or bool(d.get("native"))
             if isinstance(desc, Mapping) and label not in described and (d.get("emulated") or d.get("native")):
                 flags = desc.get("isa_flags") if isinstance(desc.get("isa_flags"), Mapping) else {}
                 on = " ".join(k for k, v in flags.items() if v) or " ".join(desc.get("isa") or []) or MISSING
                 off = " ".join(k for k, v in flags.items() if not v)
-                how = (f"emulated by {_text(desc.get('emulated_by'))} on this host" if d.get("emulated")
+                how = (f"emulated by {cell_text(desc.get('emulated_by'))} on this host" if d.get("emulated")
                        else "this host, the artifact's own measurement")
-                described[label] = (f"{label} ({_text(d.get('url'))}): {_text(desc.get('cpu'))}; ISA {on}"
-                                    f"{'; not ' + off if off else ''}; {how}, Python {_text(desc.get('python'))}")
+                described[label] = (f"{label} ({cell_text(d.get('url'))}): {cell_text(desc.get('cpu'))}; ISA {on}"
+                                    f"{'; not ' + off if off else ''}; {how}, Python {cell_text(desc.get('python'))}")
             elif isinstance(desc, Mapping) and label not in described:
                 board = f"{desc.get('board')}, " if desc.get("board") else ""
                 mem = desc.get("memory_bytes")
-                described[label] = (f"{label} ({_text(d.get('url'))}): {board}{_text(desc.get('cpu'))}, "
-                                    f"{_text(desc.get('cores'))} cores, {_text(desc.get('machine'))}, "
-                                    f"{_text(desc.get('os'))} (kernel {_text(desc.get('kernel'))}), "
+                described[label] = (f"{label} ({cell_text(d.get('url'))}): {board}{cell_text(desc.get('cpu'))}, "
+                                    f"{cell_text(desc.get('cores'))} cores, {cell_text(desc.get('machine'))}, "
+                                    f"{cell_text(desc.get('os'))} (kernel {cell_text(desc.get('kernel'))}), "
                                     f"{'memory ' + fmt(mem / 2**30, '.1f', ' GiB') + ', ' if mem else ''}"
-                                    f"Python {_text(desc.get('python'))}, numpy {_text(desc.get('numpy'))}")
+                                    f"Python {cell_text(desc.get('python'))}, numpy {cell_text(desc.get('numpy'))}")
             lat = d.get("latency_ms") or {}
             added = load_and_run_bytes(d.get("memory"))
             timed = not d.get("emulated")  # emulated milliseconds are not a timing: no number shown
-            runtime = f"{_get(d, 'runtime', 'package')} {_get(d, 'runtime', 'version')}" if d.get("runtime") else MISSING
+            runtime = (f"{get_nested(d, 'runtime', 'package')} {get_nested(d, 'runtime', 'version')}"
+                       if d.get("runtime") else MISSING)
             status = d.get("error") or d.get("not_run") or ("ok (emulated)" if d.get("emulated") else
                                                             "ok (host)" if d.get("native") else "ok")
             ms = (lambda k: fmt(lat.get(k), ".3f")) if timed else (lambda k: "emulated")
@@ -49,7 +50,7 @@ def device_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
                            fmt(d.get("speedup"), ".2f", "x") if timed else "emulated",
                            fmt(added / 2**20 if added is not None else None, ".1f") if timed else "emulated",
                            fmt_sqnr(d.get("parity")),
-                           fmt_pct(_get(d, "parity", "top1_agreement"), 2), fmt_metric(d.get("metric")), status])
+                           fmt_pct(get_nested(d, "parity", "top1_agreement"), 2), fmt_metric(d.get("metric")), status])
             t.row_status.append("fail" if d.get("error") else None)
     if not t.rows:
         return []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from edgeprep.gates import artifact_name
-from edgeprep.report import Section, Table, _text, fmt, fmt_int
+from edgeprep.report_model import Section, Table, cell_text, fmt, fmt_int
 
 
 def diagnosis_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
@@ -20,21 +20,21 @@ def diagnosis_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
             d = entry.get("diagnosis") if isinstance(entry, Mapping) else None
             if not isinstance(d, Mapping):
                 continue
-            target = _text(d.get("target"))
+            target = cell_text(d.get("target"))
             div = d.get("divergence") or {}
             layer = div.get("layer") or {}
             if layer:
-                where.rows.append([artifact_name(a), target, _text(layer.get("name")), _text(layer.get("op_type")),
-                                   fmt(div.get("sqnr_before_db"), ".1f", " dB"), fmt(div.get("sqnr_after_db"), ".1f", " dB"),
-                                   _text(div.get("reference"))])
+                where.rows.append([artifact_name(a), target, cell_text(layer.get("name")),
+                                   cell_text(layer.get("op_type")), fmt(div.get("sqnr_before_db"), ".1f", " dB"),
+                                   fmt(div.get("sqnr_after_db"), ".1f", " dB"), cell_text(div.get("reference"))])
                 where.row_status.append("fail")
             else:
-                notes.append(f"{artifact_name(a)} on {target}: {_text(d.get('summary'))}")
+                notes.append(f"{artifact_name(a)} on {target}: {cell_text(d.get('summary'))}")
             for f in d.get("fixes") or []:
                 if f.get("error"):
                     notes.append(f"{artifact_name(a)} on {target}: {f.get('option')}: {f['error']}")
                     continue
-                fixes.rows.append([artifact_name(a), target, _text(f.get("option")), fmt(f.get("sqnr_db"), ".1f"),
+                fixes.rows.append([artifact_name(a), target, cell_text(f.get("option")), fmt(f.get("sqnr_db"), ".1f"),
                                    fmt_int(f.get("bytes_delta")), fmt(f.get("host_p50_ms"), ".3f"),
                                    fmt(f.get("host_latency_ratio"), ".2f", "x")])
                 fixes.row_status.append(None if f.get("passes") else "fail")

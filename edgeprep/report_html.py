@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import Mapping, Optional
 
-if TYPE_CHECKING:  # report.py imports this module; only the types are needed here
-    from edgeprep.report import Document, Section, Table
+from edgeprep.report_model import Document, Section, Table
 
 _CSS = """
 :root { --pass: #047857; --pass-bg: #d1fae5; --fail: #b91c1c; --fail-bg: #fee2e2; --line: #e5e7eb; }

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from edgeprep.gates import artifact_name
 from edgeprep.measure.memory import load_and_run_bytes
-from edgeprep.report import MISSING, Section, Table, _get, fmt, fmt_int
+from edgeprep.report_model import MISSING, Section, Table, fmt, fmt_int, get_nested
 
 MIB = 2**20
 LOAD_RUN_HEADER = "load+run MiB (own process)"
@@ -34,13 +34,14 @@ def latency_section(arts: list[Mapping[str, Any]]) -> Section:
             ci_s = fmt(ci, ".3f")
         memory = a.get("memory")
         old_process_rss = old_process_rss or (memory is None and lat.get("peak_rss_bytes") is not None)
-        why = (_get(memory, "error") or _get(memory, "not_measured")) if isinstance(memory, Mapping) else None
+        why = ((get_nested(memory, "error") or get_nested(memory, "not_measured")) if isinstance(memory, Mapping)
+               else None)
         if why:
             unmeasured.append(f"{artifact_name(a)}: memory not measured: {why}")
         t.rows.append([artifact_name(a)] + [fmt(lat.get(k), ".3f") for k in ("p50", "p90", "p99", "mean")]
                       + [ci_s] + [fmt_int(lat.get(k)) for k in ("iters", "warmup", "threads", "batch")]
                       + [mib(load_and_run_bytes(memory)),
-                         MISSING if why else mib(_get(memory, "peak_rss_bytes"))])
+                         MISSING if why else mib(get_nested(memory, "peak_rss_bytes"))])
         t.row_status.append(None)
     if not t.rows:
         return Section("Latency and memory details", t, ["No artifact was profiled."])

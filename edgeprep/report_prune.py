@@ -12,7 +12,7 @@ from io import BytesIO
 from typing import Any, Mapping
 
 from edgeprep.gates import as_number
-from edgeprep.report import Image, Section, Table, _get, _text, fmt, fmt_int, fmt_pct
+from edgeprep.report_model import Image, Section, Table, cell_text, fmt, fmt_int, fmt_pct, get_nested
 
 SPARSITY_PLOT_STEM = "plots/prune_sparsity"
 UNIT_COLORS = ["#2563eb", "#d97706", "#059669", "#7c3aed", "#db2777", "#4b5563"]
@@ -21,7 +21,7 @@ UNIT_COLORS = ["#2563eb", "#d97706", "#059669", "#7c3aed", "#db2777", "#4b5563"]
 def pruning_entries(report: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
     """(stage index as numbered in the Stages table, details.pruning) for every stage that pruned."""
     stages = [s for s in report.get("stages") or [] if isinstance(s, Mapping)]
-    return [(i, p) for i, s in enumerate(stages) if isinstance(p := _get(s, "details", "pruning"), Mapping)]
+    return [(i, p) for i, s in enumerate(stages) if isinstance(p := get_nested(s, "details", "pruning"), Mapping)]
 
 
 def sparsity_plot_relpaths(report: Mapping[str, Any]) -> dict[int, str]:
@@ -55,13 +55,13 @@ def _settings_line(settings: Any) -> str:
         elif isinstance(v, bool):
             v_s = "yes" if v else "no"
         else:
-            v_s = _text(v)
+            v_s = cell_text(v)
         parts.append(f"{name} {v_s}")
     return "settings: " + ", ".join(parts) + "."
 
 
 def _removed(pruning: Mapping[str, Any], what: str) -> Any:
-    r = _get(pruning, "removed", what)
+    r = get_nested(pruning, "removed", what)
     if as_number(r) is not None:
         return r
     before, after = as_number(pruning.get(f"{what}_before")), as_number(pruning.get(f"{what}_after"))
@@ -82,7 +82,7 @@ def prune_sections(report: Mapping[str, Any]) -> list[Section]:
 
         layers = Table(["module", "unit", "original", "kept", "sparsity"], numeric=[False, False, True, True, True])
         for l in _layers(p):
-            layers.rows.append([_text(l.get("module") or l.get("block")), _text(l.get("unit")),
+            layers.rows.append([cell_text(l.get("module") or l.get("block")), cell_text(l.get("unit")),
                                 fmt_int(l.get("original")), fmt_int(l.get("kept")), fmt_pct(l.get("sparsity"))])
             layers.row_status.append(None)
         layer_sec = Section("Per-layer sparsity", layers, [] if layers.rows else ["No prunable layer was recorded."],
@@ -94,11 +94,11 @@ def prune_sections(report: Mapping[str, Any]) -> list[Section]:
         history = Table(["pruning stage", "target removed", "removed", "params"] + [label for _, label in extra],
                         numeric=[False] + [True] * (3 + len(extra)))
         for h in hist:
-            stage = _text(h.get("stage")) + (f"/{h['of']}" if h.get("of") is not None else "")
+            stage = cell_text(h.get("stage")) + (f"/{h['of']}" if h.get("of") is not None else "")
             history.rows.append([stage, fmt_pct(h.get("target_removed")), fmt_pct(h.get("removed")),
                                  fmt_int(h.get("params"))] + [fmt(h.get(k)) for k, _ in extra])
             history.row_status.append(None)
-        budget = _get(p, "settings", "budget")
+        budget = get_nested(p, "settings", "budget")
         hist_text = [f"removed: share of the model's {budget} removed after each pruning stage."] if budget else []
         hist_sec = Section("History", history, hist_text if history.rows else ["No pruning history was recorded."])
 
@@ -158,8 +158,8 @@ def plot_prune_sparsity(pruning: Mapping[str, Any], title: str = "Per-layer spar
         bars = ax.bar(xs, ys, width=width * 0.92, color=UNIT_COLORS[j % len(UNIT_COLORS)], label=name, zorder=3)
         if label_bars:
             ax.bar_label(bars, labels=[f"{y:.0f}%" for y in ys], fontsize=7.5, padding=2, color="#111827")
-    budget = str(_get(pruning, "settings", "budget") or "params")
-    removed = as_number(_get(pruning, "removed", budget))
+    budget = str(get_nested(pruning, "settings", "budget") or "params")
+    removed = as_number(get_nested(pruning, "removed", budget))
     if removed is not None:
         ax.axhline(100 * removed, color="#dc2626", linestyle="--", linewidth=1, zorder=2,
                    label=f"model {budget} removed ({100 * removed:.1f}%)")

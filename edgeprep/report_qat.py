@@ -10,24 +10,24 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from edgeprep.report import Section, Table, _get, _text, fmt
+from edgeprep.report_model import Section, Table, cell_text, fmt, get_nested
 
 HISTORY_ROWS = 8  # sampled rows of the loss history shown in the report (the JSON keeps all)
 
 
 def qat_entries(report: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
     stages = [s for s in report.get("stages") or [] if isinstance(s, Mapping)]
-    return [(i, q) for i, s in enumerate(stages) if isinstance(q := _get(s, "details", "qat"), Mapping)]
+    return [(i, q) for i, s in enumerate(stages) if isinstance(q := get_nested(s, "details", "qat"), Mapping)]
 
 
 def _settings(q: Mapping[str, Any]) -> str:
-    weights = _get(q, "loss_weights") or {}
+    weights = get_nested(q, "loss_weights") or {}
     loss = ", ".join(f"{k} {v:g}" for k, v in weights.items()) if isinstance(weights, Mapping) else "—"
-    return (f"settings: weights {_text(q.get('weights'))}, activations {_text(q.get('activations'))}, "
-            f"intervention {_text(q.get('intervention'))} for {_text(q.get('intervention_steps'))} of "
-            f"{_text(q.get('steps'))} steps, then KD-QAT; loss weights {loss}; ground-truth loss weight "
-            f"{_text(q.get('label_loss'))}; {_text(q.get('quantized_linears'))} Linears and "
-            f"{_text(q.get('activation_quantizers'))} activation quantizers.")
+    return (f"settings: weights {cell_text(q.get('weights'))}, activations {cell_text(q.get('activations'))}, "
+            f"intervention {cell_text(q.get('intervention'))} for {cell_text(q.get('intervention_steps'))} of "
+            f"{cell_text(q.get('steps'))} steps, then KD-QAT; loss weights {loss}; ground-truth loss weight "
+            f"{cell_text(q.get('label_loss'))}; {cell_text(q.get('quantized_linears'))} Linears and "
+            f"{cell_text(q.get('activation_quantizers'))} activation quantizers.")
 
 
 def _accuracy(q: Mapping[str, Any]) -> str:
@@ -50,15 +50,15 @@ def history_table(q: Mapping[str, Any]) -> Table:
     hist = sampled(q.get("history"))
     terms = sorted({k for h in hist for k in h if k.startswith("ti_") or k in ("ce", "val_accuracy")})
     headers = ["step", "intervention", "loss", *terms]
-    rows = [[_text(h.get("step")), _text(h.get("intervention")), fmt(h.get("loss"))] + [fmt(h.get(t)) for t in terms]
-            for h in hist]
+    rows = [[cell_text(h.get("step")), cell_text(h.get("intervention")), fmt(h.get("loss"))]
+            + [fmt(h.get(t)) for t in terms] for h in hist]
     return Table(headers, rows, [True, False] + [True] * (len(headers) - 2), [None] * len(rows))
 
 
 def _artifact_lines(report: Mapping[str, Any]) -> list[str]:
     lines = []
     for art in report.get("artifacts") or []:
-        graph = _get(art, "info", "quantized_graph")
+        graph = get_nested(art, "info", "quantized_graph")
         if not isinstance(graph, Mapping):
             continue
         nbits = graph.get("nbits")

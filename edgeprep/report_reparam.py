@@ -9,21 +9,21 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from edgeprep.report import Section, Table, _get, _text, fmt
+from edgeprep.report_model import Section, Table, cell_text, fmt, get_nested
 from edgeprep.report_qat import sampled
 
 
 def reparam_entries(report: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
     stages = [s for s in report.get("stages") or [] if isinstance(s, Mapping)]
-    return [(i, r) for i, s in enumerate(stages) if isinstance(r := _get(s, "details", "reparam"), Mapping)]
+    return [(i, r) for i, s in enumerate(stages) if isinstance(r := get_nested(s, "details", "reparam"), Mapping)]
 
 
 def _settings(r: Mapping[str, Any]) -> str:
     sla = r.get("sla_layers")
-    return (f"settings: norm {_text(r.get('norm'))} on {_text(r.get('norms'))} LayerNorms, attention "
-            f"{_text(r.get('attention'))}" + (f" ({sla} layers)" if sla else "") + f"; lam 1 for "
-            f"{_text(r.get('warmup_steps'))} steps, then 1 -> 0 over {_text(r.get('decay_steps'))}; "
-            f"{_text(r.get('steps'))} steps trained; schedule at step {_text(r.get('schedule_steps_done'))}, "
+    return (f"settings: norm {cell_text(r.get('norm'))} on {cell_text(r.get('norms'))} LayerNorms, attention "
+            f"{cell_text(r.get('attention'))}" + (f" ({sla} layers)" if sla else "") + f"; lam 1 for "
+            f"{cell_text(r.get('warmup_steps'))} steps, then 1 -> 0 over {cell_text(r.get('decay_steps'))}; "
+            f"{cell_text(r.get('steps'))} steps trained; schedule at step {cell_text(r.get('schedule_steps_done'))}, "
             f"lam {fmt(r.get('lam'))}" + (" (not finished: export is refused until lam is 0)."
                                           if (r.get("lam") or 0) > 0 else "."))
 
@@ -38,7 +38,7 @@ def _history(r: Mapping[str, Any]) -> Table:
     hist = sampled(r.get("history"))
     terms = [t for t in ("ce", "kd", "hidden", "val_accuracy") if any(t in h for h in hist)]
     headers = ["step", "loss", *terms]
-    rows = [[_text(h.get("step")), fmt(h.get("loss"))] + [fmt(h.get(t)) for t in terms] for h in hist]
+    rows = [[cell_text(h.get("step")), fmt(h.get("loss"))] + [fmt(h.get(t)) for t in terms] for h in hist]
     return Table(headers, rows, [True] * len(headers), [None] * len(rows))
 
 

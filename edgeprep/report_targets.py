@@ -6,13 +6,13 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from edgeprep.gates import artifact_name
-from edgeprep.report import MISSING, Section, Table, _get, _text, fmt, fmt_int
+from edgeprep.report_model import MISSING, Section, Table, cell_text, fmt, fmt_int, get_nested
 
 
 def not_run_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
     """Artifacts whose runtime cannot run on this machine, and why (what was checked instead has
     its own section: Core ML programs, TensorRT preparation)."""
-    lines = [f"{artifact_name(a)} ({_text(a.get('runtime'))}): {a['not_run']}" for a in arts if a.get("not_run")]
+    lines = [f"{artifact_name(a)} ({cell_text(a.get('runtime'))}): {a['not_run']}" for a in arts if a.get("not_run")]
     return [Section("Not run on this machine", text=lines)] if lines else []
 
 
@@ -21,18 +21,20 @@ def tensorrt_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
     t = Table(["name", "precision", "TensorRT", "opset", "nodes supported", "Q / DQ nodes", "unsupported"],
               numeric=[False, False, False, True, False, False, False])
     for a in arts:
-        support = _get(a, "info", "tensorrt_support")
+        support = get_nested(a, "info", "tensorrt_support")
         if not isinstance(support, Mapping):
             continue
         bad = "; ".join(f"{u.get('op')} ×{u.get('count')} ({u.get('why')})" for u in support.get("unsupported") or [])
         opset_s = f"{support.get('opset')}" + ("" if support.get("opset_supported") else " (outside TensorRT's range)")
-        t.rows.append([artifact_name(a), _text(_get(a, "info", "precision")), _text(support.get("tensorrt_version")),
+        t.rows.append([artifact_name(a), cell_text(get_nested(a, "info", "precision")),
+                       cell_text(support.get("tensorrt_version")),
                        opset_s, f"{support.get('supported_nodes')}/{support.get('nodes')}",
                        f"{support.get('quantize_nodes')} / {support.get('dequantize_nodes')}", bad or "none"])
         t.row_status.append(None if support.get("all_supported") else "fail")
     if not t.rows:
         return []
-    source = next(_get(a, "info", "tensorrt_support", "source") for a in arts if _get(a, "info", "tensorrt_support"))
+    source = next(get_nested(a, "info", "tensorrt_support", "source") for a in arts
+                  if get_nested(a, "info", "tensorrt_support"))
     return [Section("TensorRT preparation (static check)", t, [f"Operator table: {source}."])]
 
 
@@ -42,14 +44,15 @@ def coreml_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
     t = Table(["name", "deployment target", "ops", "compressed weight ops", "weight elements by dtype",
                "carried integer weights"], numeric=[False, False, True, True, False, False])
     for a in arts:
-        spec = _get(a, "info", "spec")
+        spec = get_nested(a, "info", "spec")
         if not isinstance(spec, Mapping):
             continue
-        weights = ", ".join(f"{k} {fmt_int(_get(v, 'elements'))}" for k, v in (spec.get("weights") or {}).items())
-        carried = _get(a, "info", "carried")
+        weights = ", ".join(f"{k} {fmt_int(get_nested(v, 'elements'))}" for k, v in (spec.get("weights") or {}).items())
+        carried = get_nested(a, "info", "carried")
         carried_s = (f"{carried.get('weights')}: codes identical {carried.get('codes_identical')}, max abs error "
                      f"{fmt(carried.get('max_abs_weight_error'), '.2g')}") if isinstance(carried, Mapping) else "none"
-        t.rows.append([artifact_name(a), _text(spec.get("deployment_target")), fmt_int(sum((spec.get("ops") or {}).values())),
+        t.rows.append([artifact_name(a), cell_text(spec.get("deployment_target")),
+                       fmt_int(sum((spec.get("ops") or {}).values())),
                        fmt_int(spec.get("compressed_weight_ops")), weights or MISSING, carried_s])
         t.row_status.append(None)
     if not t.rows:
@@ -65,12 +68,12 @@ def mobile_sections(arts: list[Mapping[str, Any]]) -> list[Section]:
 
     lines = []
     for a in arts:
-        mobile = _get(a, "info", "mobile")
+        mobile = get_nested(a, "info", "mobile")
         if not isinstance(mobile, Mapping):
             continue
         fixed = mobile.get("fixed_batch")
         shape = f"batch fixed to {fixed}" if fixed else "dynamic batch"
-        lines.append(f"{artifact_name(a)} ({_text(mobile.get('file'))}, {shape}): "
+        lines.append(f"{artifact_name(a)} ({cell_text(mobile.get('file'))}, {shape}): "
                      f"{verdict_line(mobile.get('usability')) or MISSING}")
     if not lines:
         return []

@@ -16,7 +16,8 @@ from edgeprep.context import Context, StageReport
 from edgeprep.errors import BadInputError
 from edgeprep.measure.metrics import metric_for, torch_outputs
 from edgeprep.pipeline import frozen_copy
-from edgeprep.recipe import DataConfig, ExportTargetConfig, TrainConfig
+from edgeprep.exporters.options import ExportOptions
+from edgeprep.recipe import DataConfig, TrainConfig
 from edgeprep.text_data import TEXT_SOURCES
 from edgeprep.types import Artifact
 
@@ -55,7 +56,7 @@ def resolve_checkpoint_dir(path: Path) -> Path:
 def apply_stage(ckpt_dir: Path, out_dir: Path, config: Any, seed: int = 0,
                 trust_pickle: bool = False) -> dict[str, Any]:
     from edgeprep.checkpoint import read_checkpoint_json, save_checkpoint
-    from edgeprep.stages import get_stage
+    from edgeprep.stages import run_stage
 
     ckpt, data = _load(Path(ckpt_dir), trust_pickle)
     model = ckpt.model.eval()
@@ -64,7 +65,7 @@ def apply_stage(ckpt_dir: Path, out_dir: Path, config: Any, seed: int = 0,
                   report=StageReport(kind=config.kind), teacher=teacher, stage_dir=Path(out_dir),
                   decisions=list(ckpt.decisions))
     t0 = time.perf_counter()
-    model = get_stage(config).apply(model, ctx).eval()
+    model = run_stage(config, model, ctx)
     name, fn = metric_for(data.task)
     entry = {"kind": config.kind, "seconds": round(time.perf_counter() - t0, 3),
              "metric": {"name": name, "value": fn(torch_outputs(model, data.test.x), data.test.y.numpy())},
@@ -80,7 +81,7 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, options: Mapping[str, Any],
     from edgeprep.exporters import get_exporter
     from edgeprep.recipe import parse_export_target
 
-    cfg: ExportTargetConfig = parse_export_target(dict(options), where="--target/options")
+    cfg: ExportOptions = parse_export_target(dict(options), where="--target/options")
     ckpt, data = _load(Path(ckpt_dir), trust_pickle)
     model = ckpt.model.eval()
     ref_x = np.ascontiguousarray(data.test.x[:REFERENCE_SAMPLES].numpy())

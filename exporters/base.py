@@ -8,30 +8,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from edgeprep.errors import BadInputError
+from edgeprep.exporters.options import ExportOptions  # noqa: F401  (re-exported: the exporters' base)
 from edgeprep.types import Artifact, LatencyStats
-
-
-class ExportOptions(BaseModel):
-    """Options common to every target; a target subclasses this with its own fields."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @classmethod
-    def of(cls, options: Any) -> "ExportOptions":
-        """This target's options from an instance, None (defaults) or the recipe's
-        ExportTargetConfig (its fields of the same names that are set; ``name`` defaults to its
-        ``artifact_name``)."""
-        if isinstance(options, cls):
-            return options
-        if options is None:
-            return cls()
-        fields = {k: getattr(options, k) for k in cls.model_fields if getattr(options, k, None) is not None}
-        if "name" in cls.model_fields and "name" not in fields and getattr(options, "artifact_name", None):
-            fields["name"] = options.artifact_name
-        return cls(**fields)
 
 
 def package_version(dist: str) -> str | None:

@@ -34,14 +34,14 @@ import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
-from pydantic import Field
 
 from edgeprep.errors import BadInputError, ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import (Exporter, ExportOptions, LoadedModel, Runtime, float32_feed, package_version,
+from edgeprep.exporters.base import (Exporter, LoadedModel, Runtime, float32_feed, package_version,
                                      short_error, static_example)
+from edgeprep.exporters.options import CoreMLOptions, CoreMLWeights
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, TensorSpec
 
@@ -50,17 +50,10 @@ INPUT_NAME, OUTPUT_NAME = "input", "output"
 # Core ML specification version of each minimum deployment target we offer (ML Program needs iOS15;
 # the constexpr weight ops need iOS16; int4 and per-block scales need iOS18).
 SPEC_VERSIONS = {"iOS16": 7, "iOS17": 8, "iOS18": 9}
-WeightsMode = Literal["auto", "fp16", "fp32", "int8", "palettize4", "palettize2", "int4-block"]
+WeightsMode = CoreMLWeights
 NEEDS_IOS18 = ("int4-block",)
 INT4_BLOCK = 32
 SMALL_CONST_ELEMENTS = 64  # consts below this are shapes / axes / pads, not weights
-
-
-class CoreMLOptions(ExportOptions):
-    name: Optional[str] = None
-    static_batch: int = Field(1, ge=1)
-    coreml_weights: WeightsMode = "auto"
-    coreml_target: Optional[Literal["iOS16", "iOS17", "iOS18"]] = None  # None: the lowest that works
 
 
 def _ct() -> Any:

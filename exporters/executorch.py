@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import (ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version,
+from edgeprep.exporters.base import (Int8PeerExporter, LoadedModel, Runtime, package_version,
                                      refuse_qat_model, short_error, static_example)
+from edgeprep.exporters.options import ExecuTorchOptions
 from edgeprep.fsutil import write_bytes_atomic
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
@@ -36,15 +36,6 @@ from edgeprep.types import Artifact, LatencyStats, TensorSpec
 MODEL_FILE = "model.pte"
 PROGRAM_FILE = "program.pt2"
 INSTALL = "pip install 'edgeprep[executorch]'"
-
-
-class ExecuTorchOptions(ExportOptions):
-    """The executorch fields of the recipe's ExportTargetConfig (which may be passed instead)."""
-
-    name: Optional[str] = None
-    static_batch: int = Field(1, ge=1)  # the batch the program runs (edge programs have fixed shapes)
-    int8: bool = False  # also make the PT2E int8 peer (derived, calibrated)
-
 
 
 def _need_executorch() -> None:

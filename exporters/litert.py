@@ -21,24 +21,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import (ExportOptions, Int8PeerExporter, LoadedModel, Runtime, package_version,
+from edgeprep.exporters.base import (Int8PeerExporter, LoadedModel, Runtime, package_version,
                                      refuse_qat_model, short_error, static_example)
+from edgeprep.exporters.options import LiteRTOptions
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec
 
 MODEL_FILE = "model.tflite"
 HEAVY_OPS = ("FULLY_CONNECTED", "BATCH_MATMUL", "CONV_2D", "DEPTHWISE_CONV_2D")
 INTEGER = (np.int8, np.uint8, np.int16)
-
-
-class LiteRTOptions(ExportOptions):
-    name: Optional[str] = None
-    static_batch: int = Field(1, ge=1)
-    int8: bool = False
-
 
 
 def _need(module: str, extra: str) -> None:

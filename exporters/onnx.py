@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
-from pydantic import Field
 
 from edgeprep.errors import ExportError
-from edgeprep.exporters.base import Exporter, ExportOptions
+from edgeprep.exporters.base import Exporter
+from edgeprep.exporters.options import OnnxOptions
 from edgeprep.exporters.onnxruntime_rt import OPTIMIZE_LEVELS, create_session, one_line, root_logging_kept
 from edgeprep.fsutil import sha256_file
 from edgeprep.manifest import describe_file
@@ -43,27 +43,6 @@ CHECK_BATCH = 3  # a batch the example did not use: proves the batch dim is real
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STEP = re.compile(r"step (\d+/\d+)")
-
-
-class OnnxOptions(ExportOptions):
-    """The onnx fields of the recipe's ExportTargetConfig (which may be passed instead)."""
-
-    name: Optional[str] = None
-    opset: int = Field(20, ge=18)  # 20: Gelu is one op (at 18 it is 5 that ORT does not fuse back)
-    dynamo: bool = True
-    optimize: str = "extended"
-    mobile: bool = False
-    mobile_fixed_batch: Optional[int] = Field(None, ge=1)  # .ort with its batch axis fixed (ORT Mobile EPs)
-    ptq: list[str] = Field(default_factory=list)
-    binary_storage: str = "packed1"  # binary weights: 1 bit each on disk (unpacked at load), or "int2"
-    dynamic_sequence: bool = False  # dim 1 of the inputs is symbolic too (token ids + attention mask)
-    # residual Add -> LayerNormalization written as Sum, so ORT does not fuse it into its slow
-    # SkipLayerNormalization kernel (edgeprep.exporters.residual_sum)
-    residual_sum: bool = True
-    # int8 weights of integer Gemm / MatMul: "s8" as trained, or "u8" (uint8 + zero point 128, same
-    # numbers; exact on AVX2 x86 even for full-range weights, slower on VNNI: edgeprep.quant.cpu_family)
-    int8_weights: str = "s8"
-    u8_weight_layers: list[str] = Field(default_factory=list)  # only these Linears as uint8
 
 
 def _short(exc: BaseException) -> str:

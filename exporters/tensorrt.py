@@ -30,28 +30,19 @@ import json
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
-from pydantic import Field
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import ExportOptions, Int8PeerExporter, LoadedModel, Runtime, float32_feed, short_error
+from edgeprep.exporters.base import Int8PeerExporter, LoadedModel, Runtime, float32_feed, short_error
+from edgeprep.exporters.options import TensorRTOptions
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact
 
 SUPPORT_TABLE = Path(__file__).resolve().parent / "data" / "tensorrt_onnx_ops.json"
 MODEL_FILE = "model.onnx"
 QUANTIZED_TYPES = {"INT8", "FLOAT8E4M3FN", "INT4"}  # what TensorRT's DequantizeLinear takes
-
-
-class TensorRTOptions(ExportOptions):
-    name: Optional[str] = None
-    opset: int = Field(20, ge=18)
-    static_batch: int = Field(1, ge=1)  # the profile's opt batch
-    max_batch: int = Field(32, ge=1)  # the profile's max batch
-    tensorrt_precision: Literal["fp16", "fp32"] = "fp16"  # engine precision of a float artifact
-    int8: bool = False
 
 
 @lru_cache(maxsize=1)

@@ -10,18 +10,31 @@ from junitparser import Failure, JUnitXml, Skipped
 
 from edgeprep.check import SQNR_CEILING_DB, Case, compare, load_report, write_junit
 from edgeprep.errors import EXIT_BAD_INPUT, BadInputError
+from edgeprep.report_schema import Report
 
 
 def art(name, role="edgeprep", metric=0.95, sqnr=40.0, nbytes=1000, p50=10.0, threads=1, batch=1):
-    return {"name": name, "target": "onnx", "runtime": "onnxruntime", "role": role, "bytes": nbytes,
+    """An artifact entry with every key edgeprep.report/2 requires (docs/report-schema.md)."""
+    return {"name": name, "target": "onnx", "runtime": "onnxruntime", "role": role,
+            "path": f"artifacts/{name}/model.onnx",
+            "bytes": nbytes, "sha256": "ab" * 32, "runtime_version": "1.32.0",
             "parity": {"sqnr_db": sqnr, "max_abs": 0.01, "top1_agreement": 0.99},
-            "metric": {"name": "accuracy", "value": metric},
-            "latency_ms": {"p50": p50, "p90": p50 * 1.1, "threads": threads, "batch": batch}, "speedup": 1.0}
+            "metric": {"name": "accuracy", "value": metric, "samples": 270},
+            "latency_ms": {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.3, "mean": p50,
+                           "ci95_p50": [p50 - 0.1, p50 + 0.1], "iters": 30, "warmup": 5, "threads": threads,
+                           "batch": batch},
+            "memory": None, "precision": None, "speedup": 1.0, "info": {}}
 
 
 def report(*arts, passed=True, gates=None):
-    return {"schema": "edgeprep.report/1", "recipe": "r", "artifacts": list(arts), "gates": gates or [],
-            "passed": passed}
+    """A whole edgeprep.report/2 document."""
+    return {"schema": "edgeprep.report/2", "recipe": "r", "created": "2026-12-08T00:00:00+00:00",
+            "edgeprep_version": "0.1.0",
+            "machine": {"platform": "Linux", "processor": "x86_64", "python": "3.11.7", "torch": "2.13.0",
+                        "cpu_threads": 2, "cpu": {"model": "AMD EPYC", "arch": "x86_64", "isa": ["avx2"], "cores": 2}},
+            "model": {"name": "m", "params": 100, "macs": 1000},
+            "baseline": {"metric": {"name": "accuracy", "value": 0.95}, "params": 100, "bytes": 4000},
+            "stages": [], "artifacts": list(arts), "gates": gates or [], "passed": passed}
 
 
 BASE = report(art("onnx"), art("onnx-fp32", role="baseline", sqnr=None, nbytes=4000, p50=20.0))
@@ -70,8 +83,11 @@ def test_latency_p50_boundary(p50, tol, passed):
 
 
 def test_latency_with_different_profile_settings_fails():
-    c = case(compare(changed(latency_ms={"p50": 10.0, "threads": 4, "batch": 1}), BASE), "onnx.latency_p50")
-    assert not c.passed and "threads 4 vs 1" in c.message
+    r = changed()
+    r["artifacts"][0]["latency_ms"]["threads"] = 4
+    c = case(compare(r, BASE), "onnx.latency_p50")
+    assert not c.passed and c.message == ("onnx.latency_p50: profiled with different settings (threads 4 vs 1); "
+                                          "profile with the baseline's settings or refresh the baseline")
 
 
 @pytest.mark.parametrize("metric, tol, passed", [
@@ -130,7 +146,7 @@ def test_missing_artifact_fails_and_new_artifact_is_skipped():
 
 
 def test_report_that_failed_its_own_gates_fails():
-    gates = [{"name": "max_latency_ms_p90", "artifact": "onnx", "limit": 5, "value": 11, "passed": False}]
+    gates = [{"name": "max_latency_ms_p90", "artifact": "onnx", "limit": 5, "value": 11, "passed": False, "note": None}]
     r = copy.deepcopy(BASE)
     r.update(passed=False, gates=gates)
     result = compare(r, BASE)
@@ -151,7 +167,8 @@ def test_lost_measurement_fails_and_never_measured_is_skipped():
 def test_schema_mismatch_is_bad_input():
     other = dict(BASE, schema="edgeprep.report/0")
     for r, b in ((other, BASE), (BASE, other)):
-        with pytest.raises(BadInputError, match="schema is 'edgeprep.report/0', expected 'edgeprep.report/1'"):
+        with pytest.raises(BadInputError, match="schema is 'edgeprep.report/0', expected 'edgeprep.report/2' or "
+                                                "the older 'edgeprep.report/1'"):
             compare(r, b)
     with pytest.raises(BadInputError, match="appear twice"):
         compare(report(art("a"), art("a")), BASE)
@@ -159,12 +176,41 @@ def test_schema_mismatch_is_bad_input():
         compare(BASE, BASE, latency_tolerance=-0.1)
 
 
+def test_an_invalid_report_is_one_line_naming_the_field():
+    bad = copy.deepcopy(BASE)
+    bad["artifacts"][1]["latency_ms"]["p50"] = "20"
+    with pytest.raises(BadInputError) as exc:
+        compare(BASE, bad)
+    assert str(exc.value) == ('baseline: not a valid edgeprep.report/2 report: artifacts.1.latency_ms.p50: '
+                              'Input should be a valid number (got "20")')
+
+
+def test_a_v1_baseline_written_by_an_older_edgeprep_is_accepted(tmp_path):
+    old = copy.deepcopy(BASE)
+    old["schema"] = "edgeprep.report/1"
+    del old["machine"]["cpu"]  # fields /1 writers had not added yet
+    for a in old["artifacts"]:
+        del a["runtime_version"], a["memory"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    baseline = load_report(path)
+    assert (baseline.schema_, baseline.machine.cpu, [a.memory for a in baseline.artifacts]) == (
+        "edgeprep.report/2", None, [None, None])
+    result = compare(copy.deepcopy(BASE), baseline)
+    assert result.summary() == "check passed: 11 passed, 0 failed, 0 skipped"
+    regressed = changed(p50=12.0)
+    assert [c.name for c in compare(regressed, old).failures] == ["onnx.latency_p50"]  # a /1 dict works too
+
+
 def test_load_report(tmp_path):
     good = tmp_path / "run" / "report.json"
     good.parent.mkdir()
     good.write_text(json.dumps(BASE))
-    assert load_report(good) == BASE
-    assert load_report(good.parent) == BASE  # a run directory works too
+    for where in (good, good.parent):  # a run directory works too
+        loaded = load_report(where)
+        assert isinstance(loaded, Report) and loaded.schema_ == "edgeprep.report/2" and loaded.passed is True
+        assert [(a.name, a.role, a.bytes, a.latency_ms.p50) for a in loaded.artifacts] == [
+            ("onnx", "edgeprep", 1000, 10.0), ("onnx-fp32", "baseline", 4000, 20.0)]
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "old.json").write_text(json.dumps({"schema": "other/9"}))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import edgeprep.checkpoint as ckpt_mod
-from edgeprep.checkpoint import DECISION_REPLAYERS, SCHEMA, load_checkpoint, save_checkpoint
+from edgeprep.checkpoint import SCHEMA, load_checkpoint, save_checkpoint
 from edgeprep.errors import BadInputError, UnsafePickleError
 from edgeprep.models import load_model
 from edgeprep.recipe import ModelConfig
@@ -72,7 +72,12 @@ def narrow_mlp(model: nn.Module, decision: dict) -> nn.Module:
 
 
 def test_decisions_are_replayed_before_weights_load(tmp_path, monkeypatch):
-    monkeypatch.setitem(DECISION_REPLAYERS, "test-narrow-mlp", narrow_mlp)
+    from edgeprep import registry
+    from edgeprep.recipe import FinetuneConfig
+
+    registry.stage_specs()  # the built-ins first, so the test's kind is added to them
+    spec = registry.StageSpec("test-narrow", FinetuneConfig, object, replayers={"test-narrow-mlp": narrow_mlp})
+    monkeypatch.setitem(registry._STAGES, "test-narrow", spec)
     cfg = ModelConfig(source="vit-tiny-digits")
     decision = {"kind": "test-narrow-mlp", "module": "blocks.1.mlp", "keep": list(range(0, 128, 3))}
     model = perturbed(narrow_mlp(load_model(cfg).module, decision))
@@ -82,7 +87,7 @@ def test_decisions_are_replayed_before_weights_load(tmp_path, monkeypatch):
     x = torch.randn(3, 1, 8, 8)
     assert max_abs(ck.model(x), model(x)) == 0
 
-    monkeypatch.delitem(DECISION_REPLAYERS, "test-narrow-mlp")
+    monkeypatch.delitem(registry._STAGES, "test-narrow")
     with pytest.raises(BadInputError) as ei:
         load_checkpoint(tmp_path / "ck")
     one_line_error(ei, "decisions.0", "unknown decision kind 'test-narrow-mlp'", "known kinds:")

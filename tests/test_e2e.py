@@ -11,54 +11,57 @@ from junitparser import JUnitXml
 
 from conftest import REPO, error_lines, run_cli, run_recipe_text, stderr_lines
 
-REPORT_KEYS = {"schema", "recipe", "model", "baseline", "stages", "artifacts", "gates", "passed"}
-ARTIFACT_KEYS = {"target", "runtime", "path", "bytes", "sha256", "parity", "metric", "latency_ms", "memory",
-                 "precision"}
-
-
 def test_report_schema_and_numbers(fast_run):
-    report = json.loads((fast_run / "report.json").read_text())
-    assert REPORT_KEYS <= set(report)
-    assert report["schema"] == "edgeprep.report/1"
-    assert report["passed"] is True
-    assert report["baseline"]["metric"]["name"] == "accuracy"
-    assert report["baseline"]["metric"]["value"] >= 0.85  # 300 steps; measured 0.94+
-    assert report["model"]["params"] > 50_000 and report["model"]["macs"] > 0
-    names = {a["name"]: a for a in report["artifacts"]}
-    assert set(names) == {"onnx", "onnx-ptq-dynamic", "onnx-ptq-static"}
+    from edgeprep.report_schema import Report, load_report_document
+
+    document = json.loads((fast_run / "report.json").read_text())
+    assert document["schema"] == "edgeprep.report/2"
+    report = load_report_document(document, "fast_run")  # the whole document validates as edgeprep.report/2
+    assert isinstance(report, Report) and report.passed is True
+    assert report.baseline.metric.name == "accuracy"
+    assert report.baseline.metric.value >= 0.85  # 300 steps; measured 0.94+
+    assert report.model.params > 50_000 and report.model.macs > 0
+    assert [(s.kind, s.metric.name) for s in report.stages] == [("finetune", "accuracy")]
+    names = {a.name: a for a in report.artifacts}
+    assert list(names) == ["onnx", "onnx-ptq-dynamic", "onnx-ptq-static"]
     for a in names.values():
-        assert ARTIFACT_KEYS <= set(a)
-        lat = a["latency_ms"]
-        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
-        assert lat["iters"] == 30 and lat["batch"] == 1 and lat["threads"] == 1
+        assert (a.target, a.runtime, a.not_run, a.devices, a.diagnosis) == ("onnx", "onnxruntime", None, None, None)
+        assert a.bytes == (fast_run / "artifacts" / a.name / "model.onnx").stat().st_size
+        lat = a.latency_ms
+        assert 0 < lat.p50 <= lat.p90 <= lat.p99
+        assert (lat.iters, lat.batch, lat.threads) == (30, 1, 1)
         # each artifact's own memory, from a subprocess of its own: not the run's process (626-688 MB,
         # the same for every artifact); measured ~50 MiB peak, ~10 MiB load+run for these ~100 kB models
-        mem = a["memory"]
-        assert mem["method"] == "subprocess" and mem["batch"] == 1, mem
-        assert 0 < mem["load_and_run_bytes"] < 48 * 2**20
-        assert mem["load_and_run_bytes"] == mem["peak_rss_bytes"] - mem["rss_before_load_bytes"]
-        assert mem["peak_rss_bytes"] < 200 * 2**20
-        assert "peak_rss_bytes" not in lat  # the whole process's mark is no longer reported as the artifact's
+        mem = a.memory
+        assert mem.method == "subprocess" and mem.batch == 1 and mem.error is None, mem
+        assert 0 < mem.load_and_run_bytes < 48 * 2**20
+        assert mem.load_and_run_bytes == mem.peak_rss_bytes - mem.rss_before_load_bytes
+        assert mem.peak_rss_bytes < 200 * 2**20
+        # the whole process's mark is no longer reported as the artifact's
+        assert "peak_rss_bytes" not in document["artifacts"][list(names).index(a.name)]["latency_ms"]
     # provenance: this host's CPU and flags, and the runtime release every artifact was measured with
     import onnxruntime
 
     from edgeprep.measure.host import host_cpu
 
-    assert report["machine"]["cpu"] == host_cpu()
-    assert {a["runtime_version"] for a in names.values()} == {onnxruntime.__version__}
+    assert report.machine.cpu.model_dump() == host_cpu()
+    assert {a.runtime_version for a in names.values()} == {onnxruntime.__version__}
     fp32 = names["onnx"]
-    assert fp32["role"] == "edgeprep"
-    assert fp32["parity"]["sqnr_db"] is None or fp32["parity"]["sqnr_db"] >= 40  # measured ~ 110+ dB
-    assert fp32["parity"]["top1_agreement"] == 1.0
-    assert abs(fp32["metric"]["value"] - report["baseline"]["metric"]["value"]) <= 0.01
-    assert fp32["precision"]["low_precision_op_fraction"] == 0.0
-    assert names["onnx-ptq-static"]["precision"]["low_precision_op_fraction"] >= 0.9
-    assert names["onnx-ptq-dynamic"]["precision"]["low_precision_op_fraction"] > 0.5
-    assert fp32["speedup"] == pytest.approx(1.0)
-    assert {g["name"] for g in report["gates"]} == {"max_metric_drop", "min_sqnr_db", "max_size_bytes"}
+    assert fp32.role == "edgeprep" and {names[n].role for n in ("onnx-ptq-dynamic", "onnx-ptq-static")} == {"ptq"}
+    assert fp32.parity.sqnr_db is None or fp32.parity.sqnr_db >= 40  # measured ~ 110+ dB
+    assert fp32.parity.top1_agreement == 1.0
+    assert abs(fp32.metric.value - report.baseline.metric.value) <= 0.01
+    assert fp32.precision.low_precision_op_fraction == 0.0
+    assert names["onnx-ptq-static"].precision.low_precision_op_fraction >= 0.9
+    assert names["onnx-ptq-dynamic"].precision.low_precision_op_fraction > 0.5
+    assert fp32.speedup == pytest.approx(1.0)
+    assert [(g.name, g.artifact, g.passed, g.skipped) for g in report.gates] == [
+        ("max_metric_drop", "onnx", True, False), ("min_sqnr_db", "onnx", True, False),
+        ("max_size_bytes", "onnx", True, False)]
+    assert report.gates[2].value == fp32.bytes and report.gates[2].limit == 2_000_000
     # The graph ORT really executes is kept for every artifact (what the census counted).
     static_graph = fast_run / "runtime_graphs" / "onnx-ptq-static.optimized.onnx"
-    assert names["onnx-ptq-static"]["precision"]["optimized_graph"] == str(static_graph)
+    assert names["onnx-ptq-static"].precision.optimized_graph == str(static_graph)  # a runtime's own key
     import onnx
 
     op_types = {n.op_type for n in onnx.load(str(static_graph)).graph.node}
@@ -203,10 +206,13 @@ def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and "max_size_bytes on onnx" in lines[0] and "limit 1000" in lines[0]
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["passed"] is False
-    gates = {g["name"]: g for g in report["gates"]}
-    assert gates["max_size_bytes"]["passed"] is False and gates["min_sqnr_db"]["passed"] is True
+    from edgeprep.check import load_report
+
+    report = load_report(tmp_path / "run")  # a failed run's report is a valid edgeprep.report/2 report too
+    assert report.passed is False
+    assert [(g.name, g.artifact, g.passed) for g in report.gates] == [("min_sqnr_db", "onnx", True),
+                                                                       ("max_size_bytes", "onnx", False)]
+    assert report.gates[1].value == report.artifacts[0].bytes and report.gates[1].limit == 1000
     html = (tmp_path / "run" / "report.html").read_text()
     assert '<tr class="fail">' in html and 'banner fail' in html
 

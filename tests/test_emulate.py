@@ -143,8 +143,10 @@ def test_device_gates_fail_on_the_emulated_family_and_latency_gates_ignore_it(ti
                {"device": "emu://arm64-a53", "url": "emu://arm64-a53", "error": "device emu://arm64-a53: it broke"}]
     host_p90, emu_p90 = stats.p90_ms, max(d["latency_ms"]["p90"] for d in devices[:2])
     assert emu_p90 > host_p90  # QEMU translates every instruction
-    report = {"artifacts": [{"name": "tiny", "role": "edgeprep", "parity": host_parity, "bytes": 1,
-                             "latency_ms": stats.to_report(), "devices": devices}]}
+    report = {"artifacts": [{"name": "tiny", "target": "onnx", "runtime": "onnxruntime", "role": "edgeprep",
+                             "path": str(path), "bytes": 1, "sha256": "0" * 64, "runtime_version": None,
+                             "parity": host_parity, "metric": None, "latency_ms": stats.to_report(), "memory": None,
+                             "precision": None, "speedup": None, "info": {}, "devices": devices}]}
     limit = (host_p90 + emu_p90) / 2  # the host meets it, the emulated latency would not
     results = evaluate_gates(GatesConfig(min_sqnr_db=40, max_latency_ms_p90=limit, min_top1_agreement=0.5), report)
     by = {(r["name"], r["artifact"]): r for r in results}
@@ -213,37 +215,38 @@ gates:
 
 @pytest.mark.slow
 def test_recipe_fails_on_the_emulated_family_while_the_host_passes(emu, tmp_path):
+    from edgeprep.check import load_report
+
     proc = run_recipe_text(tmp_path, GATED_RECIPE, "--quiet")
-    report = json.loads((tmp_path / "run" / "report.json").read_text())
-    gates = {g["artifact"]: g for g in report["gates"] if g["name"] == "min_sqnr_db"}
+    report = load_report(tmp_path / "run")  # typed: edgeprep.report/2, devices and diagnosis included
+    gates = {g.artifact: g for g in report.gates if g.name == "min_sqnr_db"}
     # measured: host 60.0 dB, AVX2 34.6 dB (int16 saturation in the U8S8 kernel)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert gates["onnx"]["passed"] and not gates["onnx@avx2"]["passed"] and gates["onnx@avx2"]["emulated"]
+    assert gates["onnx"].passed and not gates["onnx@avx2"].passed and gates["onnx@avx2"].emulated
     assert "onnx@avx2" in error_lines(proc)[0] and len(error_lines(proc)) == 1
     assert "onnx@native" not in gates  # native is the host's entry: judged once, as "onnx"
-    drop = {g["artifact"]: g for g in report["gates"] if g["name"] == "max_metric_drop"}
-    rows = report["baseline"]["metric_on_parity_rows"]  # a device's metric is on the 64 parity rows
-    assert rows["samples"] == 64 and drop["onnx@avx2"]["passed"]
-    avx2_metric = report["artifacts"][0]["devices"][1]["metric"]  # artifacts[0] is "onnx", devices[1] avx2
-    assert drop["onnx@avx2"]["value"] == pytest.approx(rows["value"] - avx2_metric["value"])
-    latency = [g for g in report["gates"] if g["name"] == "max_latency_ms_p90"]
-    assert [g["artifact"] for g in latency] == ["onnx"] and latency[0]["passed"]
-    art = next(a for a in report["artifacts"] if a["name"] == "onnx")
-    native, avx2 = art["devices"]
-    assert native["native"] and native["parity"] == art["parity"] and native["latency_ms"] == art["latency_ms"]
-    assert avx2["emulated"] and avx2["family"] == "x86-avx2" and avx2["speedup"] is None
-    assert avx2["latency_is_timing"] is False and "not a timing" in avx2["latency_note"]
+    drop = {g.artifact: g for g in report.gates if g.name == "max_metric_drop"}
+    rows = report.baseline.metric_on_parity_rows  # a device's metric is on the 64 parity rows
+    assert rows.samples == 64 and drop["onnx@avx2"].passed
+    art = next(a for a in report.artifacts if a.name == "onnx")
+    native, avx2 = art.devices
+    assert drop["onnx@avx2"].value == pytest.approx(rows.value - avx2.metric.value)
+    latency = [g for g in report.gates if g.name == "max_latency_ms_p90"]
+    assert [g.artifact for g in latency] == ["onnx"] and latency[0].passed
+    assert native.native and native.parity == art.parity and native.latency_ms == art.latency_ms
+    assert avx2.emulated and avx2.family == "x86-avx2" and avx2.speedup is None
+    assert avx2.latency_is_timing is False and "not a timing" in avx2.latency_note
     md = (tmp_path / "run" / "report.md").read_text()
     assert "emulated CPUs" in md and "NOT a timing" in md
     # where it broke, found on the emulated family itself, and the fix re-validated there
-    diagnosis = avx2["diagnosis"]
-    layer = diagnosis["divergence"]["layer"]
+    diagnosis = avx2.diagnosis
+    layer = diagnosis.divergence["layer"]
     assert layer["name"].startswith("blocks.") and layer["op_type"] == "Gemm"
-    assert diagnosis["divergence"]["sqnr_after_db"] < 45 <= (diagnosis["divergence"]["sqnr_before_db"] or 1e9)
-    fixes = {f["option"]: f for f in diagnosis["fixes"]}
+    assert diagnosis.divergence["sqnr_after_db"] < 45 <= (diagnosis.divergence["sqnr_before_db"] or 1e9)
+    fixes = {f["option"]: f for f in diagnosis.fixes}
     assert fixes["int8_weights: u8"]["passes"] and fixes["int8_weights: u8"]["sqnr_db"] > 45  # measured ~60 dB
     assert fixes["int8_weights: u8"]["bytes_delta"] > 0  # one uint8 zero point per output channel
-    assert "diagnosis" not in art  # the host passed: nothing to localize there
+    assert art.diagnosis is None  # the host passed: nothing to localize there
     line = error_lines(proc)[0]
     assert f"first diverging layer {layer['name']} (Gemm)" in line and "export int8_weights: u8 ->" in line
     assert "qat target_cpu: portable" in line

@@ -12,7 +12,7 @@ from edgeprep.context import Context, StageReport
 from edgeprep.data import DataBundle, Split
 from edgeprep.errors import BadInputError, TrainingDivergedError
 from edgeprep.recipe import DistillConfig, FinetuneConfig, StageConfig, TrainConfig, TrainOverrides
-from edgeprep.stages import STAGES, get_stage
+from edgeprep.stages import get_stage
 from edgeprep.stages.finetune import FinetuneStage
 
 
@@ -93,19 +93,22 @@ def test_no_val_split_is_noted_not_fatal():
     assert any("no validation split" in n for n in ctx.report.notes)
 
 
-def test_registry_is_a_dict_and_unknown_kinds_list_valid_ones():
-    from edgeprep.recipe import STAGE_KINDS
+def test_registry_has_every_kind_and_unknown_kinds_list_valid_ones():
+    from edgeprep.recipe import stage_kinds
+    from edgeprep.registry import stage_specs
     from edgeprep.stages.binarize import BinarizeStage
     from edgeprep.stages.prune import PruneStage
     from edgeprep.stages.qat import QatStage
     from edgeprep.stages.reparam import ReparamStage
 
-    assert STAGES == {"finetune": FinetuneStage, "prune": PruneStage, "reparam": ReparamStage, "qat": QatStage,
-                      "binarize": BinarizeStage}
-    assert set(STAGES) == set(STAGE_KINDS)  # every recipe kind has a stage and vice versa
+    classes = {k: spec.stage.resolve() for k, spec in stage_specs().items()}
+    assert classes == {"finetune": FinetuneStage, "prune": PruneStage, "reparam": ReparamStage, "qat": QatStage,
+                       "binarize": BinarizeStage}
+    assert stage_kinds() == ("finetune", "prune", "reparam", "qat", "binarize")  # registry order
+    assert all(spec.config.model_fields["kind"].default == k for k, spec in stage_specs().items())
     assert isinstance(get_stage(FinetuneConfig()), FinetuneStage)
-    with pytest.raises(BadInputError, match="unknown stage kind 'distill'; valid kinds: binarize, finetune, prune, "
-                                            "qat, reparam"):
+    with pytest.raises(BadInputError, match="unknown stage kind 'distill'; valid kinds: finetune, prune, reparam, "
+                                            "qat, binarize"):
         get_stage(StageConfig(kind="distill"))
 
 

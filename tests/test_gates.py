@@ -8,17 +8,24 @@ import pytest
 from edgeprep.errors import EXIT_GATE_FAILED, GateFailedError
 from edgeprep.gates import describe_failures, evaluate_gates, raise_for_failed_gates, within
 from edgeprep.recipe import GatesConfig
+from edgeprep.report_schema import GateInputs, ReportSchemaError
 
 
 def artifact(name="onnx", role="edgeprep", metric=0.93, sqnr=35.0, p90=5.0, speedup=2.0, nbytes=1000):
-    return {"name": name, "target": "onnx", "runtime": "onnxruntime", "role": role, "bytes": nbytes,
+    """An artifact entry with every key edgeprep.report/2 requires (docs/report-schema.md)."""
+    return {"name": name, "target": "onnx", "runtime": "onnxruntime", "role": role,
+            "path": f"artifacts/{name}/model.onnx", "bytes": nbytes, "sha256": "ab" * 32, "runtime_version": "1.32.0",
             "parity": {"sqnr_db": sqnr, "max_abs": 0.01, "top1_agreement": 0.99},
             "metric": {"name": "accuracy", "value": metric},
-            "latency_ms": {"p50": p90 * 0.9, "p90": p90}, "speedup": speedup}
+            "latency_ms": {"p50": p90 * 0.9, "p90": p90, "p99": p90 * 1.2, "mean": p90 * 0.95,
+                           "ci95_p50": [p90 * 0.85, p90 * 0.95], "iters": 30, "warmup": 5, "threads": 1, "batch": 1},
+            "memory": None, "precision": None, "speedup": speedup, "info": {}}
 
 
 def report(*arts, baseline_metric=0.95):
-    return {"schema": "edgeprep.report/1", "baseline": {"metric": {"name": "accuracy", "value": baseline_metric}},
+    """A report being built, as the pipeline hands it to the gates: no gates, no verdict yet."""
+    return {"schema": "edgeprep.report/2",
+            "baseline": {"metric": {"name": "accuracy", "value": baseline_metric}, "params": 100, "bytes": 4000},
             "artifacts": list(arts)}
 
 
@@ -89,11 +96,10 @@ def test_within_absorbs_only_float_noise():
     (GatesConfig(max_metric_drop=0.5), lambda a: a.update(metric=None), "metric"),
     (GatesConfig(max_metric_drop=0.5), lambda a: a["metric"].update(value=float("nan")), "metric"),
     (GatesConfig(min_sqnr_db=1), lambda a: a.update(parity=None), "parity"),
-    (GatesConfig(min_sqnr_db=1), lambda a: a["parity"].pop("sqnr_db"), "parity"),
+    (GatesConfig(min_sqnr_db=1), lambda a: a["parity"].update(sqnr_db=float("nan")), "SQNR is not a number"),
     (GatesConfig(max_latency_ms_p90=1e9), lambda a: a.update(latency_ms=None), "latency"),
     (GatesConfig(max_latency_ms_p90=1e9), lambda a: a["latency_ms"].update(p90=None), "latency"),
     (GatesConfig(min_speedup=0.001), lambda a: a.update(speedup=None), "speedup"),
-    (GatesConfig(max_size_bytes=10**12), lambda a: a.pop("bytes"), "size"),
 ])
 def test_unmeasured_gate_fails_with_a_note(gates, mutate, note_word):
     art = artifact()
@@ -187,3 +193,50 @@ def test_unavailable_runtimes_skip_records_skipped_gates_with_the_reason():
     # a measured artifact is still judged: its metric drop of 0.15 fails
     failed = [r for r in results if not r["passed"]]
     assert [(r["name"], r["artifact"]) for r in failed] == [("max_metric_drop", "onnx")]
+
+
+# ----------------------------------------------------------------------------- typed input
+def test_the_gates_read_the_typed_model():
+    gates = GatesConfig(max_metric_drop=0.05, min_sqnr_db=30, max_size_bytes=2000)
+    doc = report(artifact(), artifact("onnx-fp32", "baseline", sqnr=None))
+    typed = GateInputs.model_validate(doc)
+    assert typed.artifacts[0].parity.sqnr_db == 35.0 and typed.baseline.metric.value == 0.95
+    assert evaluate_gates(gates, typed) == evaluate_gates(gates, doc) == [
+        {"name": "max_metric_drop", "artifact": "onnx", "limit": 0.05, "value": 0.02, "passed": True, "note": None},
+        {"name": "min_sqnr_db", "artifact": "onnx", "limit": 30, "value": 35.0, "passed": True, "note": None},
+        {"name": "max_size_bytes", "artifact": "onnx", "limit": 2000, "value": 1000, "passed": True, "note": None}]
+
+
+def test_a_report_being_built_that_does_not_match_the_schema_is_a_bug():
+    art = artifact()
+    del art["latency_ms"]["p90"]
+    with pytest.raises(ReportSchemaError) as exc:
+        evaluate_gates(GatesConfig(max_latency_ms_p90=5), report(art))
+    assert str(exc.value) == ("the report being judged does not match edgeprep.report/2: "
+                              "artifacts.0.latency_ms.p90: Field required")
+
+
+def test_device_entries_of_every_shape():
+    measured = {"device": "emu://x86-avx2", "url": "emu://x86-avx2", "emulated": True,
+                "parity": {"sqnr_db": 15.6, "max_abs": 0.9, "top1_agreement": 0.75},
+                "metric": {"name": "accuracy", "value": 0.70, "samples": 64}, "latency_ms": None}
+    devices = [{"device": "native", "url": "native", "native": True, "parity": None},  # the host's own: judged once
+               measured,
+               {"device": "pi", "url": "ssh://pi@raspberrypi", "error": "device pi: unreachable", "exit_code": 3},
+               {"device": "emu://arm64-a53", "url": "emu://arm64-a53", "not_run": "litert is not run emulated"}]
+    doc = report(dict(artifact(), devices=devices))
+    doc["baseline"]["metric_on_parity_rows"] = {"name": "accuracy", "value": 0.75, "samples": 64}
+    results = evaluate_gates(GatesConfig(min_sqnr_db=30, max_metric_drop=0.01, max_latency_ms_p90=6), doc)
+    assert [(r["name"], r["artifact"], r["value"], r["passed"], r["note"], r.get("device"), r.get("emulated"))
+            for r in results] == [
+        ("max_metric_drop", "onnx", 0.02, False, None, None, None),
+        ("max_metric_drop", "onnx@emu://x86-avx2", 0.05, False, None, "emu://x86-avx2", True),  # 0.75 on its 64 rows
+        ("max_metric_drop", "onnx@pi", None, False, "device pi failed: device pi: unreachable", "pi", False),
+        ("max_metric_drop", "onnx@emu://arm64-a53", None, False,
+         "not run on device emu://arm64-a53: litert is not run emulated", "emu://arm64-a53", False),
+        ("min_sqnr_db", "onnx", 35.0, True, None, None, None),
+        ("min_sqnr_db", "onnx@emu://x86-avx2", 15.6, False, None, "emu://x86-avx2", True),
+        ("min_sqnr_db", "onnx@pi", None, False, "device pi failed: device pi: unreachable", "pi", False),
+        ("min_sqnr_db", "onnx@emu://arm64-a53", None, False,
+         "not run on device emu://arm64-a53: litert is not run emulated", "emu://arm64-a53", False),
+        ("max_latency_ms_p90", "onnx", 5.0, True, None, None, None)]  # never a device's latency

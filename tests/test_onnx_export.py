@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 
 from edgeprep.errors import ExportError
-from edgeprep.exporters import EXPORTERS, get_exporter
-from edgeprep.exporters.onnx import OnnxExporter, OnnxOptions
+from edgeprep.exporters import get_exporter
+from edgeprep.exporters.onnx import OnnxExporter
+from edgeprep.exporters.options import OnnxOptions
 from edgeprep.fsutil import sha256_file
 from edgeprep.measure.parity import sqnr_db
-from edgeprep.recipe import ExportTargetConfig
+from edgeprep.registry import target_specs
 
 pytestmark = pytest.mark.slow
 
@@ -89,12 +90,12 @@ def vit_export(tmp_path_factory):
     torch.manual_seed(0)
     model = TinyViT().eval()
     out = tmp_path_factory.mktemp("vit")
-    art = OnnxExporter().export(model, (_images(2),), out, ExportTargetConfig(target="onnx"))
+    art = OnnxExporter().export(model, (_images(2),), out, OnnxOptions())
     return model, art
 
 
 def test_registry_has_onnx_targets():
-    assert {"onnx", "ort-mobile"} <= set(EXPORTERS)
+    assert {"onnx", "ort-mobile"} <= set(target_specs())
     assert get_exporter("onnx").runtime == "onnxruntime"
 
 
@@ -179,7 +180,7 @@ def test_export_failure_is_one_line_export_error(tmp_path):
 
 def test_dynamo_disabled_uses_torchscript(tmp_path):
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 3)).train()
-    art = OnnxExporter().export(model, (torch.randn(2, 8),), tmp_path, ExportTargetConfig(target="onnx", dynamo=False))
+    art = OnnxExporter().export(model, (torch.randn(2, 8),), tmp_path, OnnxOptions(dynamo=False))
     assert art.info["exporter"] == "torchscript" and "dynamo: false" in art.info["fallback_reason"]
     assert art.outputs[0].shape == ("batch", 3) and art.info["checked_batches"] == [2, 3, 1]
     assert model.training  # the caller's mode is restored

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import edgeprep.pruning as P
-from edgeprep.checkpoint import DECISION_REPLAYERS, load_checkpoint, save_checkpoint
+from edgeprep.checkpoint import load_checkpoint, save_checkpoint
 from edgeprep.errors import BadInputError
 from edgeprep.models import load_model
 from edgeprep.recipe import ModelConfig
@@ -194,7 +194,9 @@ def test_pruned_equals_original_with_removed_units_zeroed():
 
 
 def test_decisions_replay_through_checkpoint(tmp_path):
-    assert DECISION_REPLAYERS["vit_heads"] is P.apply_decision and DECISION_REPLAYERS["vit_mlp"] is P.apply_decision
+    from edgeprep.registry import replayers
+
+    assert replayers()["vit_heads"].resolve() is P.apply_decision and replayers()["vit_mlp"].resolve() is P.apply_decision
     model = vit()
     decisions = [P.prune_heads(model, "blocks.0", [0, 3]), P.prune_mlp(model, "blocks.1", list(range(50))),
                  P.prune_heads(model, "blocks.0", [1]),  # incremental: indices relative to the pruned block

@@ -12,7 +12,10 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from edgeprep.report import REPORT_SCHEMA, json_safe, write_reports
+from edgeprep.report import (REPORT_SCHEMA, build_document, json_safe, plot_metric_vs_latency, render_markdown,
+                             write_reports)
+from edgeprep.report_html import render_html
+from edgeprep.report_schema import ReportSchemaError, load_report_document
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -26,18 +29,21 @@ def art(name, role, p50, metric, sqnr, nbytes, frac, ops, speedup):
                            "threads": 1, "batch": 1, "ci95_p50": [p50 - 0.05, p50 + 0.05], "warmup": 20,
                            "peak_rss_bytes": 412_000_000},
             "precision": {"low_precision_op_fraction": frac, "ops": ops}, "speedup": speedup,
-            "info": {"exporter": "dynamo", "opset": 18}}
+            "info": {"exporter": "dynamo", "opset": 18}, "runtime_version": None, "memory": None}
 
 
 @pytest.fixture
 def sample() -> dict:
     return {
         "schema": REPORT_SCHEMA, "recipe": "vit-bench-qat", "created": "2025-01-01T12:00:00+00:00",
-        "edgeprep_version": "0.1.0", "machine": {"cpu": "x86_64", "threads": 2},
+        "edgeprep_version": "0.1.0",
+        "machine": {"platform": "Linux-6.1-x86_64", "processor": "x86_64", "python": "3.11.7", "torch": "2.13.0+cpu",
+                    "cpu_threads": 2, "cpu": {"model": "AMD EPYC", "arch": "x86_64", "isa": ["avx2"], "cores": 2}},
         "model": {"name": "vit-bench", "params": 2_690_186, "macs": 176_947_200},
         "baseline": {"metric": {"name": "accuracy", "value": 0.9694}, "params": 2_690_186, "bytes": 10_784_512},
         "stages": [{"kind": "qat", "seconds": 41.7, "params": 2_690_186, "macs": 176_947_200,
-                    "metric": {"name": "accuracy", "value": 0.9667}, "notes": ["int8 on 36 Linear", "head | skipped"]}],
+                    "metric": {"name": "accuracy", "value": 0.9667}, "notes": ["int8 on 36 Linear", "head | skipped"],
+                    "details": {}}],
         "artifacts": [
             art("onnx-fp32", "baseline", 9.812, 0.9694, None, 10_784_512, 0.0, {"MatMul": 37}, 1.0),
             art("onnx-ptq-dynamic", "ptq", 6.204, 0.9611, 31.42, 2_871_040, 1.0, {"DynamicQuantizeMatMul": 37}, 1.58),
@@ -166,8 +172,7 @@ def test_missing_measurements_render_as_dashes(tmp_path, sample):
 
 
 def test_machine_line_names_cpu_flags_runtime_and_threads(tmp_path, sample):
-    sample["machine"] = {"python": "3.11.7", "cpu": {"model": "AMD EPYC 7B12", "arch": "x86_64",
-                                                     "isa": ["avx", "avx2", "fma"], "cores": 4}}
+    sample["machine"]["cpu"] = {"model": "AMD EPYC 7B12", "arch": "x86_64", "isa": ["avx", "avx2", "fma"], "cores": 4}
     for a in sample["artifacts"]:
         a["runtime_version"] = "1.32.0"
     sample["artifacts"][0]["latency_ms"]["threads"] = 4
@@ -182,21 +187,43 @@ def test_machine_line_names_cpu_flags_runtime_and_threads(tmp_path, sample):
     assert json.loads(paths["json"].read_text()) == sample
 
 
-def test_machine_line_of_an_older_report(tmp_path, sample):
-    md = write_reports(tmp_path, sample)["md"].read_text()  # machine.cpu was a plain string, no runtime_version
+def test_machine_line_of_an_older_report(sample):
+    # The views render any report dict, also one no edgeprep.report/2 writer would write (those are refused).
+    sample["machine"] = {"cpu": "x86_64", "threads": 2}  # machine.cpu as a plain string, no runtime_version
+    md = render_markdown(build_document(sample))
     assert "\nMeasured on x86_64; onnxruntime (version not recorded); 1 thread\n" in md
     sample["machine"] = {"cpu": {"model": "A | B", "arch": "aarch64", "isa": [], "cores": None}}
-    md = write_reports(tmp_path, sample)["md"].read_text()
+    md = render_markdown(build_document(sample))
     assert "\nMeasured on A \\| B (aarch64: no kernel-relevant ISA flags); onnxruntime" in md  # a "|" is escaped
 
 
-def test_minimal_report_does_not_crash(tmp_path):
+def test_minimal_report_renders():
     report = {"schema": REPORT_SCHEMA, "recipe": "empty"}
-    paths = write_reports(tmp_path, report)
-    md = paths["md"].read_text()
+    png, notes = plot_metric_vs_latency(report)
+    md = render_markdown(build_document(report, notes))
     assert "UNKNOWN" in md and "No artifact was exported." in md and "No gate configured" in md
-    assert paths["plot"].read_bytes()[:8] == PNG_SIGNATURE
-    assert json.loads(paths["json"].read_text()) == report
+    assert png[:8] == PNG_SIGNATURE
+
+
+def test_a_report_that_does_not_match_its_schema_is_not_written(tmp_path, sample):
+    # The writer validates just before writing: a mismatch is a bug in edgeprep, one line naming the field.
+    sample["artifacts"][1]["latency_ms"]["iters"] = "200"
+    with pytest.raises(ReportSchemaError) as exc:
+        write_reports(tmp_path, sample)
+    assert str(exc.value) == ("report.json does not match edgeprep.report/2 (a bug in edgeprep; please report it): "
+                              'artifacts.1.latency_ms.iters: Input should be a valid integer (got "200")')
+    del sample["artifacts"][1]["latency_ms"]
+    with pytest.raises(ReportSchemaError, match=r"it\): artifacts\.1\.latency_ms: Field required$"):
+        write_reports(tmp_path, sample)
+    assert not list(tmp_path.iterdir())  # nothing written, not even report.json
+
+
+def test_the_writer_labels_the_schema_it_writes(tmp_path, sample):
+    sample["schema"] = "edgeprep.report/1"  # what pipeline.py still spells: the same shape
+    written = json.loads(write_reports(tmp_path, sample)["json"].read_text())
+    assert written["schema"] == "edgeprep.report/2" == REPORT_SCHEMA
+    assert written == dict(sample, schema="edgeprep.report/2")
+    assert load_report_document(written).artifacts[2].parity.sqnr_db == 38.71
 
 
 def test_json_safe_makes_plain_strict_json(tmp_path, sample):
@@ -316,14 +343,14 @@ def test_no_pruning_section_without_pruning_details(tmp_path, sample):
     md = write_reports(tmp_path / "plain", sample)["md"].read_text()
     assert "Pruning" not in md and "prune_sparsity" not in md
     assert not (tmp_path / "plain" / "plots" / "prune_sparsity.png").exists()
-    # An old report.json: a prune stage without "details" still renders, with no Pruning section.
+    # An old report.json: a prune stage without "details" still renders, with no Pruning section
+    # (the views render it; the writer, which writes edgeprep.report/2, would refuse it).
     old = prune_entry()
     del old["details"]
     sample["stages"].append(old)
-    paths = write_reports(tmp_path / "old", sample)
-    md, html = paths["md"].read_text(), paths["html"].read_text()
+    doc = build_document(sample)
+    md, html = render_markdown(doc), render_html(doc, PNG_SIGNATURE, {})
     assert "| 1 | prune |" in md and "## Pruning" not in md and "Pruning</h2>" not in html
-    assert sorted(paths) == ["html", "json", "md", "plot"]
     assert html.count("<img ") == 1
 
 

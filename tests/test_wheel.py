@@ -38,7 +38,7 @@ def test_wheel_contents_and_install(tmp_path):
                            str(wheels[0])], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     code = ("import edgeprep, edgeprep.exporters as ex; from edgeprep.recipes_index import bundled_recipes; "
-            "print(edgeprep.__file__); print(ex.__file__); print(sorted(ex.EXPORTERS)); "
+            "print(edgeprep.__file__); print(ex.__file__); from edgeprep.registry import target_specs; print(sorted(target_specs())); "
             "print([r['name'] for r in bundled_recipes()])")
     env = {**os.environ, "PYTHONPATH": str(target)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,

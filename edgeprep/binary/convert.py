@@ -90,7 +90,7 @@ def _attention_width(attn: nn.Module) -> int:
 
 
 def replay_binarize(model: nn.Module, decision: dict) -> nn.Module:
-    """DECISION_REPLAYERS entry: the same swaps (binarizer scales and estimators load afterwards)."""
+    """Checkpoint replayer (registered in edgeprep.builtin): the same swaps (binarizer scales and estimators load afterwards)."""
     binarize_model(model, decision["activations"], decision["estimator_rank"], linears=decision["linears"],
                    attentions=decision["attentions"], embeddings=decision["embeddings"])
     return model

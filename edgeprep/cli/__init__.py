@@ -13,13 +13,21 @@ from rich.markup import escape
 from edgeprep.cli.app import app, err
 from edgeprep.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, EdgeprepError
 
-# importing a command module registers its commands; this order is `edgeprep --help`'s order
-from edgeprep.cli import run  # noqa: E402,F401  isort: skip
-from edgeprep.cli import stages  # noqa: E402,F401  isort: skip
-from edgeprep.cli import judge  # noqa: E402,F401  isort: skip
-from edgeprep.cli import listings  # noqa: E402,F401  isort: skip
+__all__ = ["app", "build_app", "main"]
 
-__all__ = ["app", "main"]
+# importing a command module registers its commands; this order is `edgeprep --help`'s order
+COMMAND_MODULES = ("run", "stages", "judge", "listings")
+
+
+def build_app():
+    """The app with every command registered. The stage commands are generated from the registry,
+    which imports plugins (EDGEPREP_PLUGINS): main() calls this inside its error handling, so a
+    plugin that fails to import is one line, not a traceback."""
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"edgeprep.cli.{name}")
+    return app
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -28,7 +36,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(argv) and argv[0] == "--debug"  # the global option comes before the command
     try:
-        code = app(args=argv, prog_name="edgeprep", standalone_mode=False)
+        code = build_app()(args=argv, prog_name="edgeprep", standalone_mode=False)
     except EdgeprepError as exc:
         if debug:
             raise

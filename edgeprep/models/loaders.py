@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgeprep.errors import BadInputError, UnsafePickleError
-from edgeprep.models import ZOO, ModelHandle, build_zoo_model
+from edgeprep.models.zoo import ZOO, ModelHandle, build_zoo_model
 from edgeprep.recipe import ModelConfig
 
 TORCHSCRIPT_SUFFIXES = (".ts", ".torchscript")

@@ -7,7 +7,7 @@ budget planning, physical removal recorded as replayable decisions, and the prun
   groups.py      which units a model has (found by structure) and what each costs
   engine.py      the incremental prune -> train loop (prune_model)
 
-The decision kinds are listed in ``edgeprep.checkpoint.DECISION_REPLAYERS``, so a pruned checkpoint
+The decision kinds are listed in the prune stage's replayers (``edgeprep.builtin``), so a pruned checkpoint
 rebuilds its smaller modules before the weights are loaded.
 """
 from __future__ import annotations

@@ -160,7 +160,7 @@ def _has(model: nn.Module, name: str) -> bool:
 
 
 def replay_qat(model: nn.Module, decision: dict) -> nn.Module:
-    """DECISION_REPLAYERS entry: the same swaps, before the checkpoint's weights load."""
+    """Checkpoint replayer (registered in edgeprep.builtin): the same swaps, before the checkpoint's weights load."""
     quantize_model(model, decision["weights"], decision["activations"],
                    linears=decision["linears"], attentions=decision["attentions"],
                    embeddings=decision.get("embeddings", []), reduced_range=bool(decision.get("reduced_range")))

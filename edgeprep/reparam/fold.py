@@ -109,7 +109,7 @@ def fold_reparam(model: nn.Module, check_inputs: Optional[tuple[torch.Tensor, ..
 
 
 def replay_fold(model: nn.Module, decision: dict) -> nn.Module:
-    """DECISION_REPLAYERS entry: norms -> Identity / ChannelAffine (the weights load afterwards)."""
+    """Checkpoint replayer (registered in edgeprep.builtin): norms -> Identity / ChannelAffine (the weights load afterwards)."""
     for name in decision["folded"]:
         set_module(model, name, nn.Identity())
     for name, channels in decision["affine"].items():

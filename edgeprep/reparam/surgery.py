@@ -117,7 +117,7 @@ def reparam_model(model: nn.Module, norm: str = "prepbn", attention: str = "keep
 
 
 def replay_reparam(model: nn.Module, decision: dict) -> nn.Module:
-    """DECISION_REPLAYERS entry: the same swaps (weights and schedule counters come from the checkpoint)."""
+    """Checkpoint replayer (registered in edgeprep.builtin): the same swaps (weights and schedule counters come from the checkpoint)."""
     reparam_model(model, decision["norm"], decision["attention"], decision["warmup_steps"],
                   decision["decay_steps"], norms=decision["norms"], sla=decision["sla"], copy_weights=False)
     return model

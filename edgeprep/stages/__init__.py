@@ -1,4 +1,6 @@
-"""Stage registry: recipe ``kind`` -> stage class. One technique per module."""
+"""Running one stage: the registered kind's stage class (``edgeprep.registry``), after checking the
+order rules against what the model already went through. ``edgeprep run`` and the single-stage
+commands both come through ``run_stage``."""
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -6,12 +8,7 @@ from typing import Any, Protocol
 import torch
 
 from edgeprep.context import Context
-from edgeprep.errors import BadInputError
-from edgeprep.stages.binarize import BinarizeStage
-from edgeprep.stages.finetune import FinetuneStage
-from edgeprep.stages.prune import PruneStage
-from edgeprep.stages.qat import QatStage
-from edgeprep.stages.reparam import ReparamStage
+from edgeprep.registry import check_history, stage_spec
 
 
 class Stage(Protocol):
@@ -20,13 +17,13 @@ class Stage(Protocol):
     def apply(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module: ...
 
 
-STAGES: dict[str, type] = {"finetune": FinetuneStage, "prune": PruneStage, "reparam": ReparamStage, "qat": QatStage,
-                         "binarize": BinarizeStage}
-
-
 def get_stage(config: Any) -> Stage:
     """Instantiate the stage for ``config.kind``; an unknown kind lists the valid ones."""
-    kind = getattr(config, "kind", None)
-    if kind not in STAGES:
-        raise BadInputError(f"unknown stage kind {kind!r}; valid kinds: {', '.join(sorted(STAGES))}")
-    return STAGES[kind](config)
+    return stage_spec(getattr(config, "kind", None)).stage(config)
+
+
+def run_stage(config: Any, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+    """``config``'s stage applied to ``model`` (eval mode on return)."""
+    stage = get_stage(config)
+    check_history(config.kind, ctx.decisions)
+    return stage.apply(model, ctx).eval()

@@ -77,11 +77,8 @@ class PruneStage:
         ctx.require_classification("prune", "scores and trains with classification labels",
                                    "use the Python API (edgeprep.pruning.engine) with your own loss",
                                    also=("embedding",))
-        if any(d.get("kind") in ("qat", "binarize") for d in ctx.decisions):
-            # pruning rebuilds Linears as float nn.Linear: it would drop the quantizers (and a
-            # smoothed Linear's input multiplier, changing the function)
-            raise BadInputError("stage prune: the model is already quantized / binarized by an earlier stage; "
-                                "put prune before qat / binarize in the recipe")
+        # after qat / binarize is refused by the order rules (their rank is higher): pruning rebuilds Linears
+        # as float nn.Linear and would drop the quantizers
         if cfg.distill is not None and ctx.teacher is None:
             raise BadInputError("stage prune: `distill` is set but there is no teacher model; set distill: null")
         settings = settings_from(cfg, ctx.seed)

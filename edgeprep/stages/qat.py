@@ -108,9 +108,6 @@ class QatStage:
         if any(d.get("kind") == "reparam" and d.get("sla") for d in ctx.decisions):
             raise BadInputError("stage qat: the model has Simplified Linear Attention (reparam attention: sla); "
                                 "qat taps softmax attention and does not support it yet; reparam with attention: keep")
-        if any(d.get("kind") == "binarize" for d in ctx.decisions):
-            raise BadInputError("stage qat: the model is binarized (an earlier binarize stage); qat and binarize "
-                                "are exclusive: start from the float checkpoint")
         if any(d.get("kind") == QAT_KIND for d in ctx.decisions):
             raise BadInputError("stage qat: the model is already quantized by an earlier qat stage; use one qat stage")
         train_cfg: TrainConfig = cfg.train_config(ctx.train)
