@@ -1,4 +1,4 @@
-"""Run a recipe: load -> stages (checkpoint after each) -> export -> judge on runtime -> gates -> report.
+"""Run a recipe: load, the stages (a checkpoint after each), then ``edgeprep.finish`` (export, judge, report).
 
 Run directory layout (README; report.json: docs/report-schema.md):
   recipe.yaml                      the resolved recipe
@@ -10,30 +10,22 @@ Run directory layout (README; report.json: docs/report-schema.md):
 from __future__ import annotations
 
 import copy
-import platform
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
-from edgeprep import __version__
-from edgeprep.artifacts import expectations, export_artifact
 from edgeprep.context import Context, StageReport
 from edgeprep.data import BUILTIN_SOURCES
-from edgeprep.errors import BadInputError, EdgeprepError, RuntimeFailure
+from edgeprep.errors import BadInputError, RuntimeFailure
+from edgeprep.finish import finish
 from edgeprep.fsutil import write_json_atomic, write_text_atomic
 from edgeprep.jsonfile import JsonFileError, read_json_object
-from edgeprep.manifest import load_artifact, write_manifest
-from edgeprep.measure.host import host_cpu
 from edgeprep.measure.metrics import extra_metrics, metric_for, torch_outputs
-from edgeprep.models.hf import runtime_inputs
 from edgeprep.recipe import Recipe, load_recipe
-from edgeprep.report_schema import REPORT_SCHEMA
 from edgeprep.text_data import TEXT_SOURCES
 
 DONE_MARKER = "done.json"
@@ -74,7 +66,8 @@ def run(recipe: Recipe, base_dir: Path, opts: RunOptions) -> dict[str, Any]:
     _check_ranks_agree(model, opts)
     if not main:  # under torchrun only rank 0 exports, validates and reports
         return {}
-    return _finish(recipe, state, run_dir, model, baseline_model, stage_entries, opts)
+    compressed = _first_compression(recipe) < len(recipe.stages)
+    return finish(recipe, state, run_dir, model, baseline_model, stage_entries, compressed, opts)
 
 
 # ----------------------------------------------------------------------------- run dir
@@ -276,202 +269,3 @@ def _stage_entry(kind, seconds, model, state: _Inputs, report: StageReport, metr
             "macs": count_macs(model, (state.example_inputs[0][:1],)),
             "metric": metric, "notes": list(report.notes),
             "details": dict(report.metrics)}
-
-
-# ----------------------------------------------------------------------------- export + judge
-def _finish(recipe: Recipe, state: _Inputs, run_dir: Path, model, baseline_model, stage_entries, opts):
-    from edgeprep.exporters import get_exporter
-    from edgeprep.gates import evaluate_gates
-    from edgeprep.measure.cost import count_macs, count_params
-    from edgeprep.report import write_reports
-    from edgeprep.validate import judge
-
-    task = state.data.task
-    metric_name, metric_fn = metric_for(task)
-    vcfg = recipe.validate_
-    eval_x, eval_y = state.eval_x.numpy(), state.eval_y.numpy()
-    ref_x = np.ascontiguousarray(eval_x[:vcfg.parity_samples])  # the pipeline's rows (packed for token models)
-    ref_y = eval_y[:vcfg.parity_samples]
-    # what the runtimes are fed: one array per artifact input (input_ids and attention_mask for token models)
-    ref_in, eval_in = runtime_inputs(model, ref_x), runtime_inputs(model, eval_x)
-    baseline_value = metric_fn(torch_outputs(baseline_model, state.eval_x), eval_y)
-    compressed = _first_compression(recipe) < len(recipe.stages)
-
-    artifacts: list[Any] = []
-    group: dict[str, str] = {}  # artifact name -> the export entry it belongs to (speedup reference)
-    for cfg in recipe.export:
-        exporter = get_exporter(cfg.target)
-        name = cfg.artifact_name
-        opts.log(f"export {name} ({cfg.target})")
-        art = export_artifact(exporter, model, state.example_inputs, run_dir / "artifacts" / name, cfg,
-                              name=name, role="edgeprep", task=task, ref_x=ref_x, labels=ref_y,
-                              expect=expectations("edgeprep", recipe.gates.min_sqnr_db, recipe.gates.max_metric_drop))
-        artifacts.append(art)
-        group[art.name] = name
-        base_art = art
-        if compressed:
-            base_art = export_artifact(exporter, baseline_model, state.example_inputs,
-                                       run_dir / "artifacts" / f"{name}-baseline", cfg, name=f"{name}-baseline",
-                                       role="baseline", task=task, ref_x=ref_x, labels=ref_y,
-                                       expect=expectations("baseline", None, None))
-            artifacts.append(base_art)
-            group[base_art.name] = name
-        calib = runtime_inputs(model, state.data.calib.numpy())
-        for peer in exporter.derived(base_art, calib, run_dir / "artifacts", cfg):
-            artifacts.append(_adopt_peer(peer, baseline_model, task, ref_x, ref_in, ref_y))
-            group[artifacts[-1].name] = name
-
-    entries = []
-    speed_ref: dict[str, float] = {}
-    device_errors: list[EdgeprepError] = []
-    # Parity reference: the final model for edgeprep's artifacts, the fp32 baseline for the rest.
-    ref_outputs = {"edgeprep": torch_outputs(model, torch.from_numpy(ref_x))}
-    ref_outputs["other"] = torch_outputs(baseline_model, torch.from_numpy(ref_x)) if compressed else ref_outputs["edgeprep"]
-    for art in artifacts:
-        opts.log(f"judge {art.name} on {art.runtime}")
-        ref_out = ref_outputs["edgeprep" if art.role == "edgeprep" else "other"]
-        measured = judge(art, task=task, ref_inputs=ref_in, ref_outputs=ref_out, eval_x=eval_in, eval_y=eval_y,
-                         warmup=vcfg.profile.warmup, iters=vcfg.profile.iters,
-                         threads=vcfg.profile.threads, batch=vcfg.profile.batch,
-                         save_graph_to=run_dir / "runtime_graphs" / f"{art.name}.optimized.onnx")
-        entry = {"name": art.name, "target": art.target, "runtime": art.runtime, "role": art.role,
-                 "path": str(art.path), "bytes": art.size_bytes, "sha256": art.sha256, **measured,
-                 "info": dict(art.info)}
-        if vcfg.devices:
-            entry["devices"] = _profile_on_devices(art, vcfg, state.base_dir, task, ref_in, ref_out, ref_y,
-                                                   device_errors, opts, host_entry=entry)
-        entries.append(entry)
-        if entry["latency_ms"] and (art.role == "baseline" or (art.role == "edgeprep" and not compressed)):
-            speed_ref[group[art.name]] = entry["latency_ms"]["p50"]
-    for entry in entries:
-        ref = speed_ref.get(group[entry["name"]])
-        entry["speedup"] = (ref / entry["latency_ms"]["p50"]) if ref and entry["latency_ms"] else None
-    _device_speedups(entries, group, compressed)
-
-    report = {
-        "schema": REPORT_SCHEMA,
-        "recipe": recipe.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "edgeprep_version": __version__,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_threads": torch.get_num_threads(),
-                    # int8 kernels differ per CPU family: every number below was measured on this CPU
-                    "cpu": host_cpu()},
-        "model": {"name": state.model_name, "params": count_params(model),
-                  "macs": count_macs(model, (state.example_inputs[0][:1],))},
-        "baseline": {"metric": {"name": metric_name, "value": baseline_value},
-                     **_baseline_on_parity_rows(vcfg, baseline_model, ref_x, ref_y, metric_name, metric_fn),
-                     "params": count_params(baseline_model),
-                     "bytes": _baseline_bytes(entries)},
-        "stages": stage_entries,
-        "artifacts": entries,
-    }
-    if recipe.gates.min_sqnr_db is not None:  # a failed SQNR gate names the layer that broke it, and the fix
-        from edgeprep.measure.diagnose import diagnose_entries
-
-        devices = {d.label: d for d in (c.to_device(state.base_dir) for c in vcfg.devices)}
-        diagnose_entries(entries, artifacts, recipe.gates.min_sqnr_db, ref_in, ref_outputs["edgeprep"],
-                         devices=devices, torch_model=model, torch_x=torch.from_numpy(ref_x), log=opts.log)
-    report["gates"] = evaluate_gates(recipe.gates, report)
-    report["passed"] = all(g["passed"] for g in report["gates"]) and not device_errors
-    write_reports(run_dir, report)
-    if device_errors:  # the report keeps every measurement made; the run still fails, with the error's exit code
-        first = device_errors[0]
-        more = f" (and {len(device_errors) - 1} more device error(s))" if len(device_errors) > 1 else ""
-        raise type(first)(f"{first}{more}; the report with every other result is in {run_dir}")
-    return report
-
-
-def _profile_on_devices(art, vcfg, base_dir: Path, task: str, ref_in: list, ref_out, ref_y,
-                        errors: list[EdgeprepError], opts: RunOptions,
-                        host_entry: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-    """The artifact on each of the recipe's devices (ssh://, emu://, or `native`: the host entry
-    itself); a failure is recorded in its entry and kept in ``errors`` (the run fails after the
-    report is written), so one bad device loses no other result."""
-    from edgeprep.remote.emulate import EmulatedDevice, NativeDevice
-    from edgeprep.remote.profile import device_entry, native_entry
-    from edgeprep.remote.session import supported_runtimes
-    from edgeprep.remote.ssh import DeviceAccessError, DeviceUnreachableError
-
-    results = []
-    for dcfg in vcfg.devices:
-        device = dcfg.to_device(base_dir)
-        if isinstance(device, NativeDevice):
-            results.append(native_entry(device, host_entry or {}))
-            continue
-        # a device that could not be reached or logged into is not tried again for every artifact
-        earlier = next((e for e in errors if isinstance(e, (DeviceAccessError, DeviceUnreachableError))
-                        and str(e).startswith(f"device {device.label}:")), None)
-        if earlier is not None:
-            results.append({"device": device.label, "url": device.url, "exit_code": earlier.exit_code,
-                            "error": f"not tried: it failed earlier in this run ({earlier})"})
-            continue
-        runtimes = supported_runtimes(device)
-        if art.runtime not in runtimes:
-            how = (f"run emulated as {device.family.name}" if isinstance(device, EmulatedDevice)
-                   else "profiled over SSH")
-            results.append({"device": device.label, "url": device.url,
-                            "not_run": f"{art.runtime} artifacts are not {how} (supported: {', '.join(runtimes)})"})
-            continue
-        opts.log(f"profile {art.name} on device {device.label}")
-        p = vcfg.profile
-        try:
-            results.append(device_entry(art, device, ref_inputs=ref_in, ref_outputs=ref_out, labels=ref_y, task=task,
-                                        warmup=p.warmup, iters=p.iters, threads=p.threads, batch=p.batch,
-                                        # emulated: first use fetches the family's set-up, worth a word
-                                        log=opts.log if isinstance(device, EmulatedDevice) else (lambda m: None)))
-        except EdgeprepError as exc:
-            errors.append(exc)
-            results.append({"device": device.label, "url": device.url, "error": str(exc),
-                            "exit_code": exc.exit_code})
-    return results
-
-
-def _baseline_on_parity_rows(vcfg, baseline_model, ref_x, ref_y, metric_name: str, metric_fn) -> dict[str, Any]:
-    """With devices: the baseline's metric on the parity rows, the rows a device's metric is computed
-    on (the device gets the manifest's reference inputs, not the whole eval split), so a device's
-    max_metric_drop gate compares the same samples."""
-    if not vcfg.devices:
-        return {}
-    value = metric_fn(torch_outputs(baseline_model, torch.from_numpy(ref_x)), ref_y)
-    return {"metric_on_parity_rows": {"name": metric_name, "value": value, "samples": int(len(ref_y))}}
-
-
-def _device_speedups(entries: list[dict[str, Any]], group: dict[str, str], compressed: bool) -> None:
-    """On each device, an artifact's speedup over the fp32 artifact of its export entry measured on
-    that same device (the host's speedup compares host numbers only). An emulated device has none:
-    its latency is QEMU's translation speed, not a timing."""
-    ref: dict[tuple[str, str], float] = {}
-    for e in entries:
-        if e["role"] == "baseline" or (e["role"] == "edgeprep" and not compressed):
-            for d in e.get("devices", []):
-                if d.get("latency_ms") and not d.get("emulated"):
-                    ref[(group[e["name"]], d["device"])] = d["latency_ms"]["p50"]
-    for e in entries:
-        for d in e.get("devices", []):
-            r = ref.get((group[e["name"]], d["device"]))
-            d["speedup"] = r / d["latency_ms"]["p50"] if r and d.get("latency_ms") and not d.get("emulated") else None
-
-
-def _adopt_peer(peer, baseline_model, task, ref_x, ref_in, ref_y):
-    """Write the manifest for a peer artifact an exporter derived (e.g. ORT PTQ)."""
-    import dataclasses
-
-    from edgeprep.types import Artifact
-
-    if not isinstance(peer, Artifact):
-        raise TypeError("Exporter.derived must return Artifacts")
-    ref_out = torch_outputs(baseline_model, torch.from_numpy(ref_x))
-    peer = dataclasses.replace(peer, role="ptq")
-    write_manifest(peer, task=task, ref_inputs=ref_in, ref_outputs=[ref_out], labels=ref_y,
-                   extra={"expect": expectations("ptq", None, None)})
-    return load_artifact(peer.dir)
-
-
-def _baseline_bytes(entries: list[dict[str, Any]]) -> Optional[int]:
-    for role in ("baseline", "edgeprep"):
-        for e in entries:
-            if e["role"] == role:
-                return e["bytes"]
-    return None
