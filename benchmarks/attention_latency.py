@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from ptq_table import cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from edgeprep.exporters import get_exporter, get_runtime
 from edgeprep.exporters.onnx import OnnxOptions
 from edgeprep.fsutil import write_text_atomic
 from edgeprep.models.vit import Attention
 from edgeprep.reparam.sla import SimplifiedLinearAttention, SLAInference
-from ptq_table import cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "attention_latency.md"
 DIM, HEADS = 192, 3

@@ -19,7 +19,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,20 +26,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import mean_sd  # sibling scripts: benchmarks/ is on sys.path
+from ptq_table import cpu_name, run_batched
 
 from edgeprep.context import Context, StageReport
 from edgeprep.data import load_data
 from edgeprep.exporters import get_exporter, get_runtime
 from edgeprep.exporters.onnx import OnnxOptions
-from edgeprep.measure.parity import parity
 from edgeprep.fsutil import write_json_atomic, write_text_atomic
+from edgeprep.measure.parity import parity
 from edgeprep.models import ZOO
 from edgeprep.pipeline import frozen_copy
 from edgeprep.recipe import BinarizeConfig, DataConfig, TrainConfig
 from edgeprep.stages.binarize import BinarizeStage
 from edgeprep.train import evaluate_accuracy, train
-from common import mean_sd  # sibling scripts: benchmarks/ is on sys.path
-from ptq_table import cpu_name, run_batched
 
 RESULTS = Path(__file__).resolve().parent / "results" / "binarize_table.md"
 BASE_TRAIN = TrainConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=30)  # as the other tables

@@ -29,16 +29,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from minilm_peers import (  # sibling scripts: benchmarks/ is on sys.path
+    add_measure_args,
+    build_peers,
+    feed_for,
+    measure_all,
+    table_lines,
+)
+from ptq_table import cpu_name
 
 from edgeprep.checkpoint import load_checkpoint
-from edgeprep.exporters.residual_sum import residual_adds_to_sum
 from edgeprep.exporters.onnxruntime_rt import create_session
+from edgeprep.exporters.residual_sum import residual_adds_to_sum
 from edgeprep.fsutil import write_text_atomic
 from edgeprep.measure.embedding import cosines
 from edgeprep.models.hf import load_sentence_encoder, minilm_dir, pack, tokenize
 from edgeprep.text_corpus import corpus_digest, split
-from minilm_peers import add_measure_args, build_peers, feed_for, measure_all, table_lines  # sibling scripts: benchmarks/ is on sys.path
-from ptq_table import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "minilm-edge.yaml"

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ptq_table import cpu_name  # sibling script: benchmarks/ is on sys.path
 
 from edgeprep.exporters import get_exporter
 from edgeprep.exporters.onnx import OnnxOptions
@@ -43,7 +44,6 @@ from edgeprep.measure.embedding import embedding_fidelity
 from edgeprep.measure.latency import time_callable
 from edgeprep.models.hf import load_sentence_encoder, minilm_dir, tokenize
 from edgeprep.text_corpus import corpus_digest, split
-from ptq_table import cpu_name  # sibling script: benchmarks/ is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "minilm_peers.md"
 

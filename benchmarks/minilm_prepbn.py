@@ -27,11 +27,11 @@ from pathlib import Path
 
 import onnx
 import torch
-
-from edgeprep.models.hf import load_sentence_encoder, minilm_dir
+from common import publish  # a sibling script: benchmarks/ is on sys.path
 from minilm_peers import add_measure_args, measure_all  # sibling scripts: benchmarks/ is on sys.path
 from ptq_table import cpu_name
-from common import publish  # a sibling script: benchmarks/ is on sys.path
+
+from edgeprep.models.hf import load_sentence_encoder, minilm_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "minilm_prepbn.md"

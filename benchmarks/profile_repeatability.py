@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 
-import onnxruntime
 from edgeprep.exporters import get_exporter, get_runtime
 from edgeprep.exporters.onnx import OnnxOptions
 from edgeprep.fsutil import write_text_atomic

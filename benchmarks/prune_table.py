@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from ptq_table import cpu_name  # a sibling script: benchmarks/ is on sys.path when run as a script
 
 from edgeprep.checkpoint import load_checkpoint, save_checkpoint
 from edgeprep.context import Context, StageReport
@@ -44,7 +45,6 @@ from edgeprep.pipeline import frozen_copy
 from edgeprep.recipe import DataConfig, ModelConfig, PruneConfig, TrainConfig
 from edgeprep.stages.prune import PruneStage
 from edgeprep.train import evaluate_accuracy, train
-from ptq_table import cpu_name  # a sibling script: benchmarks/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_table.md"
 VARIANTS = {

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import onnxruntime
+import torch
+from common import publish  # a sibling script: benchmarks/ is on sys.path
+
 from edgeprep.data import load_data
 from edgeprep.exporters import get_exporter, get_runtime
 from edgeprep.exporters.onnx import OnnxOptions
@@ -32,7 +33,6 @@ from edgeprep.measure.parity import parity
 from edgeprep.models import ZOO
 from edgeprep.recipe import DataConfig, TrainConfig
 from edgeprep.train import evaluate_accuracy, train
-from common import publish  # a sibling script: benchmarks/ is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ptq_table.md"
 LABELS = {"onnx": "fp32 ONNX", "onnx-ptq-dynamic": "ORT dynamic PTQ (int8 weights)",

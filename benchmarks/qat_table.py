@@ -32,6 +32,8 @@ from typing import Any, Optional
 import numpy as np
 import onnxruntime
 import torch
+from common import mean_sd, save_curve_panels  # sibling scripts: benchmarks/ is on sys.path
+from ptq_table import cpu_name, run_batched
 
 from edgeprep.context import Context, StageReport
 from edgeprep.data import load_data
@@ -44,8 +46,6 @@ from edgeprep.pipeline import frozen_copy
 from edgeprep.recipe import DataConfig, QatConfig, TrainConfig
 from edgeprep.stages.qat import QatStage
 from edgeprep.train import evaluate_accuracy, train
-from common import mean_sd, save_curve_panels  # sibling scripts: benchmarks/ is on sys.path
-from ptq_table import cpu_name, run_batched
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qat_table.md"
 CURVES = RESULTS.with_name("qat_curves.png")

@@ -29,11 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # conftest.start_sshd: the loopback sshd the tests use
 
+from ptq_table import cpu_name  # noqa: E402  (sibling script: benchmarks/ is on sys.path)
+
 from edgeprep.fsutil import write_text_atomic  # noqa: E402
 from edgeprep.remote.profile import profile_artifact_on_device  # noqa: E402
 from edgeprep.remote.ssh import Device  # noqa: E402
 from edgeprep.validate import profile_path  # noqa: E402
-from ptq_table import cpu_name  # noqa: E402  (sibling script: benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "remote_profile.md"
 RECIPE = """\

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ptq_table import cpu_name  # sibling script: benchmarks/ is on sys.path
 
 from edgeprep.data import load_data
 from edgeprep.exporters import get_exporter, get_runtime
@@ -37,7 +38,6 @@ from edgeprep.recipe import DataConfig
 from edgeprep.reparam.fold import export_form
 from edgeprep.reparam.surgery import reparam_model
 from edgeprep.validate import run_batched
-from ptq_table import cpu_name  # sibling script: benchmarks/ is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reparam_executorch.md"
 NAMES = {"ln": "LN (as trained)", "prepbn": "PRepBN, folded", "prepbn+sla": "PRepBN + SLA, folded"}
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(rows: dict, args, trained: bool, seconds: float) -> str:
-    import executorch  # noqa: F401  (version below)
     import importlib.metadata as md
+
+    import executorch  # noqa: F401  (version below)
 
     ln_p50 = statistics.median(rows["ln"]["p50s"])
     lines = [

@@ -36,6 +36,8 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
+from common import mean_sd, save_curve_panels  # sibling scripts: benchmarks/ is on sys.path
+from ptq_table import cpu_name, run_batched
 
 from edgeprep.context import Context, StageReport
 from edgeprep.data import load_data
@@ -52,8 +54,6 @@ from edgeprep.reparam.norms import advance_all
 from edgeprep.reparam.surgery import reparam_model
 from edgeprep.stages.reparam import ReparamStage
 from edgeprep.train import evaluate_accuracy, train
-from common import mean_sd, save_curve_panels  # sibling scripts: benchmarks/ is on sys.path
-from ptq_table import cpu_name, run_batched
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reparam_table.md"
 CURVES = RESULTS.with_name("reparam_curves.png")

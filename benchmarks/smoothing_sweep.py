@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import publish  # a sibling script: benchmarks/ is on sys.path
+from ptq_table import cpu_name  # a sibling script: benchmarks/ is on sys.path
 
 from edgeprep.measure.metrics import mean_cosine, top10_overlap, torch_outputs
 from edgeprep.models import load_model
@@ -28,8 +30,6 @@ from edgeprep.quant.smooth import smooth_model
 from edgeprep.recipe import DataConfig, ModelConfig
 from edgeprep.stages.qat import calibrate
 from edgeprep.text_data import load_text_data
-from ptq_table import cpu_name  # a sibling script: benchmarks/ is on sys.path
-from common import publish  # a sibling script: benchmarks/ is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "smoothing_sweep.md"
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ptq_table import cpu_name  # sibling script: benchmarks/ is on sys.path
 
 from edgeprep.data import load_data
 from edgeprep.exporters import get_exporter, get_runtime
@@ -49,7 +50,6 @@ from edgeprep.models import ZOO
 from edgeprep.recipe import DataConfig, TrainConfig
 from edgeprep.train import evaluate_accuracy, train
 from edgeprep.validate import run_batched
-from ptq_table import cpu_name  # sibling script: benchmarks/ is on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "targets_table.md"
 BASE_TRAIN = TrainConfig(steps=300, batch_size=64, lr=1e-3, warmup_steps=30)  # as the other tables

@@ -22,6 +22,7 @@ from edgeprep.models.hf import runtime_inputs
 from edgeprep.recipe import Recipe
 from edgeprep.report_schema import REPORT_SCHEMA
 
+
 @dataclass
 class _Judging:
     """What every artifact is judged against: the parity rows (as the pipeline holds them and as the

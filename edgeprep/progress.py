@@ -143,8 +143,14 @@ def training_progress(label: str, total_steps: int, enabled: bool,
 
 
 def _bar(console):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     # Transient: the finished bar disappears instead of piling up above the stage's result line.
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

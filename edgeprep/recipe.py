@@ -11,15 +11,28 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import (BeforeValidator, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError,
-                      model_validator)
+from pydantic import BeforeValidator, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from edgeprep.errors import RecipeError
 from edgeprep.exporters.options import ExportOptions
 from edgeprep.recipe_stages import (  # noqa: F401  (re-exported: the stage configs are part of the recipe's API)
-    AnyStage, BinarizeConfig, DistillConfig, FinetuneConfig, PruneConfig, QatConfig, QatLossWeights, ReparamConfig,
-    StageConfig, Strict, TrainConfig, TrainingStageConfig, TrainOverrides, check_stage_order, stage_kinds)
+    AnyStage,
+    BinarizeConfig,
+    DistillConfig,
+    FinetuneConfig,
+    PruneConfig,
+    QatConfig,
+    QatLossWeights,
+    ReparamConfig,
+    StageConfig,
+    Strict,
+    TrainConfig,
+    TrainingStageConfig,
+    TrainOverrides,
+    check_stage_order,
+    stage_kinds,
+)
 from edgeprep.registry import target_spec, target_specs
 from edgeprep.remote.config import DeviceConfig
 

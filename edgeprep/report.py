@@ -18,11 +18,23 @@ from typing import Any, Mapping, Optional
 
 from edgeprep import report_html
 from edgeprep.fsutil import write_bytes_atomic, write_json_atomic, write_text_atomic
-from edgeprep.gates import as_number, artifact_name
+from edgeprep.gates import artifact_name, as_number
+
 # The document model lives in report_model, below this module: the section modules (report_prune,
 # report_devices, ...) import it and this module imports them, so neither imports the other back.
-from edgeprep.report_model import (MISSING, Document, Section, Table, cell_text, fmt, fmt_int, fmt_metric, fmt_pct,
-                                   fmt_sqnr, get_nested)
+from edgeprep.report_model import (
+    MISSING,
+    Document,
+    Section,
+    Table,
+    cell_text,
+    fmt,
+    fmt_int,
+    fmt_metric,
+    fmt_pct,
+    fmt_sqnr,
+    get_nested,
+)
 from edgeprep.report_schema import REPORT_SCHEMA  # noqa: F401  ("edgeprep.report/2", re-exported)
 
 PLOT_RELPATH = "plots/metric_vs_latency.png"

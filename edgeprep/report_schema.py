@@ -27,8 +27,18 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from pydantic_core import PydanticCustomError
 
 from edgeprep.errors import BadInputError
-from edgeprep.report_schema_measures import (ClosedModel, DeviceEntry, DeviceRuntime, Diagnosis, Latency, Memory,
-                                             Metric, OpenModel, Parity, Precision)
+from edgeprep.report_schema_measures import (
+    ClosedModel,
+    DeviceEntry,
+    DeviceRuntime,
+    Diagnosis,
+    Latency,
+    Memory,
+    Metric,
+    OpenModel,
+    Parity,
+    Precision,
+)
 from edgeprep.report_schema_v1 import SCHEMA_V1, upgrade_v1
 from edgeprep.types import ARTIFACT_ROLES
 

@@ -14,9 +14,9 @@ import numpy as np
 from edgeprep.artifacts import FP32_MIN_SQNR_DB, export_artifact
 from edgeprep.context import Context, StageReport
 from edgeprep.errors import BadInputError
+from edgeprep.exporters.options import ExportOptions
 from edgeprep.measure.metrics import metric_for, torch_outputs
 from edgeprep.pipeline import frozen_copy
-from edgeprep.exporters.options import ExportOptions
 from edgeprep.recipe import DataConfig, TrainConfig
 from edgeprep.text_data import TEXT_SOURCES
 from edgeprep.types import Artifact

@@ -30,8 +30,7 @@ from torch import nn
 
 from edgeprep.errors import BadInputError, TrainingDivergedError
 from edgeprep.fsutil import write_bytes_atomic
-from edgeprep.losses import (  # noqa: F401  (re-exported: stages, hooks and tests import them from here)
-    LossHook, StepState, embedding_loss, is_embedding_target, kd_loss, loss_terms, relation_loss)
+from edgeprep.losses import LossHook, StepState, embedding_loss, is_embedding_target, kd_loss, loss_terms, relation_loss  # noqa: F401  (re-exported: stages, hooks and tests import them from here)
 from edgeprep.progress import training_progress
 from edgeprep.recipe import DistillConfig, TrainConfig
 

@@ -39,8 +39,15 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from edgeprep.errors import BadInputError, ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import (Exporter, LoadedModel, Runtime, float32_feed, package_version,
-                                     short_error, static_example)
+from edgeprep.exporters.base import (
+    Exporter,
+    LoadedModel,
+    Runtime,
+    float32_feed,
+    package_version,
+    short_error,
+    static_example,
+)
 from edgeprep.exporters.options import CoreMLOptions, CoreMLWeights
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, TensorSpec

@@ -26,8 +26,15 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import (Int8PeerExporter, LoadedModel, Runtime, package_version,
-                                     refuse_qat_model, short_error, static_example)
+from edgeprep.exporters.base import (
+    Int8PeerExporter,
+    LoadedModel,
+    Runtime,
+    package_version,
+    refuse_qat_model,
+    short_error,
+    static_example,
+)
 from edgeprep.exporters.options import ExecuTorchOptions
 from edgeprep.fsutil import write_bytes_atomic
 from edgeprep.manifest import describe_file
@@ -125,8 +132,10 @@ def quantize_int8(artifact: Artifact, calib_inputs: Sequence[np.ndarray], out_di
     import torch
 
     _need_executorch()
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     batch = int(artifact.info.get("batch", 1))

@@ -23,8 +23,15 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
-from edgeprep.exporters.base import (Int8PeerExporter, LoadedModel, Runtime, package_version,
-                                     refuse_qat_model, short_error, static_example)
+from edgeprep.exporters.base import (
+    Int8PeerExporter,
+    LoadedModel,
+    Runtime,
+    package_version,
+    refuse_qat_model,
+    short_error,
+    static_example,
+)
 from edgeprep.exporters.options import LiteRTOptions
 from edgeprep.manifest import describe_file
 from edgeprep.types import Artifact, LatencyStats, TensorSpec

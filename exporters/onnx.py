@@ -24,13 +24,13 @@ import numpy as np
 
 from edgeprep.errors import ExportError
 from edgeprep.exporters.base import Exporter
-from edgeprep.exporters.options import OnnxOptions
 from edgeprep.exporters.onnxruntime_rt import OPTIMIZE_LEVELS, create_session, one_line, root_logging_kept
+from edgeprep.exporters.options import OnnxOptions
+from edgeprep.exporters.residual_sum import residual_adds_to_sum
 from edgeprep.fsutil import sha256_file
 from edgeprep.manifest import describe_file
-from edgeprep.quant.export import exporting, is_quantized, quantization_summary
-from edgeprep.exporters.residual_sum import residual_adds_to_sum
 from edgeprep.quant.cpu_family import exact_families
+from edgeprep.quant.export import exporting, is_quantized, quantization_summary
 from edgeprep.quant.onnx_passes import finish_quantized_onnx
 from edgeprep.types import Artifact, TensorSpec
 

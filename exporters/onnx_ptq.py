@@ -85,8 +85,7 @@ def pre_process(src: Path, dst: Path) -> str:
 def quantize(kind: str, pre_path: Path, out_path: Path, input_names: Sequence[str],
              calib_inputs: Sequence[np.ndarray]) -> dict[str, Any]:
     """Run one ORT quantizer; returns the settings used (recorded in the artifact's info)."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if kind == "dynamic":
         settings = {"weight_type": "QInt8", "per_channel": True}

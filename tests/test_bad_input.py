@@ -6,7 +6,6 @@ import json
 import shutil
 
 import yaml
-
 from conftest import REPO, error_lines, run_cli
 
 DEPTH = 5000  # past Python's recursion limit (1000) in PyYAML's composer and in json's decoder

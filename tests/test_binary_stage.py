@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import finished_run, run_cli, tiny_vit_recipe
 
 BINARIZE_RECIPE = tiny_vit_recipe("binarize-e2e", """\

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, stderr_lines
 
 GOOD = "name: t\nmodel: {source: vit-tiny-digits}\n"
@@ -139,6 +138,7 @@ def test_version_flag_prints_the_package_version(tmp_path):
 def test_every_declared_dependency_is_imported():
     """A declared dependency nothing imports (psutil was one) only costs users an install."""
     import re
+
     import tomllib
 
     root = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, error_lines, run_cli, run_recipe_text, stderr_lines
 from junitparser import JUnitXml
 
-from conftest import REPO, error_lines, run_cli, run_recipe_text, stderr_lines
 
 def test_report_schema_and_numbers(fast_run):
     from edgeprep.report_schema import Report, load_report_document

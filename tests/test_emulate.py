@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import error_lines, run_cli, run_recipe_text
+
 from edgeprep.errors import EXIT_GATE_FAILED, GateFailedError
 from edgeprep.gates import evaluate_gates, raise_for_failed_gates
 from edgeprep.recipe import GatesConfig

@@ -125,6 +125,7 @@ def test_dynamic_sequence_refuses_too_short_an_example(minilm, tmp_path):
 
 def test_bare_token_model_file_is_profiled_at_the_asked_sequence_length(minilm_onnx):
     from conftest import run_cli
+
     from edgeprep.validate import artifact_from_path, synthetic_inputs
 
     bare = artifact_from_path(minilm_onnx.path)  # the .onnx alone: no manifest, no reference inputs

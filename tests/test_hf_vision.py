@@ -13,8 +13,8 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-
 from conftest import error_lines, finished_run, run_cli
+
 from edgeprep.errors import BadInputError
 from edgeprep.models import load_model
 from edgeprep.recipe import ModelConfig

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from edgeprep.exporters.onnx import OnnxExporter, OnnxOptions
-from edgeprep.measure.localize import (Divergence, _first_bad_bisect, heavy_layers, host_runner, localize,
-                                       torch_layer_outputs)
+from edgeprep.measure.localize import (
+    Divergence,
+    _first_bad_bisect,
+    heavy_layers,
+    host_runner,
+    localize,
+    torch_layer_outputs,
+)
 from edgeprep.models.vit import ViT
 from edgeprep.quant.convert import quantize_model
 from edgeprep.stages.qat import calibrate

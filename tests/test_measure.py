@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeprep.measure.census import (FLOAT_HEAVY_OPS, LOW_PRECISION_HEAVY_OPS, census_of_model, classify)
+from edgeprep.measure.census import FLOAT_HEAVY_OPS, LOW_PRECISION_HEAVY_OPS, census_of_model, classify
 from edgeprep.measure.cost import count_macs, count_params
 from edgeprep.measure.latency import median_ci_ranks, summarize_ns, time_callable
 from edgeprep.measure.parity import SQNR_CAP_DB, max_abs, parity, sqnr_db, top1_agreement

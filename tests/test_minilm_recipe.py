@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import error_lines, run_cli
 from torch import nn
 
-from conftest import error_lines, run_cli
 from edgeprep.measure.metrics import mean_cosine, metric_for, top10_overlap
 from edgeprep.recipe import DataConfig, TrainConfig
 from edgeprep.train import embedding_loss, evaluate_accuracy, relation_loss, train

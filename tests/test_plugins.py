@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-
 from conftest import REPO, error_lines, run_cli
 
 PLUGIN_ENV = {"EDGEPREP_PLUGINS": "toy_plugin",

@@ -7,12 +7,19 @@ import re
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from edgeprep.data import Split
 from edgeprep.errors import BadInputError, TrainingDivergedError
-from edgeprep.progress import (DEFAULT_INTERVAL_S, INTERVAL_ENV, LineProgress, Throttle, format_duration,
-                               interval_from_env, progress_line)
+from edgeprep.progress import (
+    DEFAULT_INTERVAL_S,
+    INTERVAL_ENV,
+    LineProgress,
+    Throttle,
+    format_duration,
+    interval_from_env,
+    progress_line,
+)
 from edgeprep.recipe import TrainConfig
 from edgeprep.train import train
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import error_lines, finished_run, run_cli
+
 from edgeprep.errors import RecipeError
 from edgeprep.recipe import parse_recipe
 
@@ -145,8 +145,8 @@ def test_prune_recipe_validation():
 
 
 def test_quickstart_has_a_prune_stage_then_qat():
-    from edgeprep.recipes_index import resolve_recipe
     from edgeprep.recipe import load_recipe
+    from edgeprep.recipes_index import resolve_recipe
 
     kinds = [s.kind for s in load_recipe(resolve_recipe("quickstart")).stages]
     assert kinds == ["finetune", "prune", "qat"]

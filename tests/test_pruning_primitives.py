@@ -214,6 +214,7 @@ def test_decisions_replay_through_checkpoint(tmp_path):
 def test_pruned_vit_exports_to_onnx_with_smaller_shapes(tmp_path):
     import onnx
     import onnxruntime as ort
+
     from edgeprep.exporters import get_exporter
 
     model = vit()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import torch
-
 from conftest import run_recipe_text, stderr_lines
+
 from edgeprep.models import ZOO
 
 RECIPE = ("name: pt2\nmodel: {source: vit.pt2}\ndata: {source: digits}\ntrain: {steps: 20}\n"

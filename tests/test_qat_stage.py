@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import error_lines, finished_run, run_cli, tiny_vit_recipe
 
 QAT_RECIPE = tiny_vit_recipe("qat-e2e", """\

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 COMMAND_START = re.compile(r"(\.venv/bin/)?(edgeprep|make|pytest|torchrun)\b")

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import error_lines, run_cli, run_recipe_text, start_sshd, stop_sshd
+
 from edgeprep.errors import BadInputError
 from edgeprep.remote.ssh import Device, classify, parse_url, ssh_argv
-
 
 
 # ----------------------------------------------------------------------------- pure units

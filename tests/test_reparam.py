@@ -11,11 +11,17 @@ from torch import nn
 
 from edgeprep.models.vit import ViT
 from edgeprep.recipe import TrainConfig
-from edgeprep.reparam.fold import (ReparamNotFinishedError, export_form, fold_into_linear_input,
-                                   fold_into_output, fold_reparam, replay_fold)
+from edgeprep.reparam.fold import (
+    ReparamNotFinishedError,
+    export_form,
+    fold_into_linear_input,
+    fold_into_output,
+    fold_reparam,
+    replay_fold,
+)
 from edgeprep.reparam.norms import MaskedBatchNorm, PRepBN, RepBN, advance_all, lam_at
 from edgeprep.reparam.sla import SimplifiedLinearAttention, SLAInference, linear_attention
-from edgeprep.reparam.surgery import replay_reparam, reparam_model
+from edgeprep.reparam.surgery import reparam_model, replay_reparam
 from edgeprep.train import train
 
 

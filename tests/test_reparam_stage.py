@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import error_lines, finished_run, run_cli, tiny_vit_recipe
 
 SLA_RECIPE = tiny_vit_recipe("reparam-sla", """\

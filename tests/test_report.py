@@ -12,8 +12,14 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from edgeprep.report import (REPORT_SCHEMA, build_document, json_safe, plot_metric_vs_latency, render_markdown,
-                             write_reports)
+from edgeprep.report import (
+    REPORT_SCHEMA,
+    build_document,
+    json_safe,
+    plot_metric_vs_latency,
+    render_markdown,
+    write_reports,
+)
 from edgeprep.report_html import render_html
 from edgeprep.report_schema import ReportSchemaError, load_report_document
 

@@ -10,12 +10,30 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from edgeprep.errors import EXIT_BAD_INPUT, BadInputError
-from edgeprep.report_schema import (REPORT_SCHEMA, Artifact, Baseline, CpuInfo, DeviceEntry, DeviceRuntime, Diagnosis,
-                                    GateResult, Latency, Machine, Memory, Metric, ModelSummary, Parity, Precision,
-                                    Report, Stage, json_schema_text, load_report_document)
+from edgeprep.report_schema import (
+    REPORT_SCHEMA,
+    Artifact,
+    Baseline,
+    CpuInfo,
+    DeviceEntry,
+    DeviceRuntime,
+    Diagnosis,
+    GateResult,
+    Latency,
+    Machine,
+    Memory,
+    Metric,
+    ModelSummary,
+    Parity,
+    Precision,
+    Report,
+    Stage,
+    json_schema_text,
+    load_report_document,
+)
 
 
 def latency(p50: float) -> dict:

@@ -8,6 +8,7 @@ import sys
 import time
 
 from conftest import run_cli
+
 from edgeprep.fsutil import sha256_file
 
 RECIPE = """\

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_bert_classifier
 from torch import nn
 
-from conftest import tiny_bert_classifier
 from edgeprep.errors import BadInputError
 from edgeprep.quant.convert import quantize_model, replay_qat
 from edgeprep.quant.linear import QuantLinear

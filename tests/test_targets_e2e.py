@@ -5,7 +5,6 @@ import json
 import platform
 
 import pytest
-
 from conftest import REPO, finished_run
 
 pytest.importorskip("executorch", reason="the executorch extra is not installed")

@@ -8,6 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
 from edgeprep.exporters import get_exporter, get_runtime
 from edgeprep.exporters.onnx import OnnxOptions
 from edgeprep.exporters.onnx_ptq import ptq_peers
@@ -19,9 +22,6 @@ from edgeprep.exporters.tensorrt import (
     support_table,
     tensorrt_support,
 )
-from torch import nn
-
-from edgeprep.errors import ExportError, MissingDependencyError, RuntimeFailure
 from edgeprep.measure.parity import parity
 from edgeprep.quant.convert import quantize_model
 from edgeprep.validate import judge, run_batched

@@ -18,8 +18,7 @@ from torch import nn
 from edgeprep.data import Split
 from edgeprep.errors import BadInputError, TrainingDivergedError
 from edgeprep.recipe import DistillConfig, TrainConfig
-from edgeprep.train import (evaluate_accuracy, is_main_process, kd_loss, lr_at, make_optimizer, train,
-                            world_info)
+from edgeprep.train import evaluate_accuracy, is_main_process, kd_loss, lr_at, make_optimizer, train, world_info
 
 HERE = Path(__file__).resolve().parent
 

@@ -11,7 +11,6 @@ from typing import Any
 import typer
 from rich.console import Console
 
-
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Compress PyTorch models, export them to edge runtimes, and prove on each runtime "
                        "that they are still accurate and really faster.")

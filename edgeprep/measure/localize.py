@@ -101,11 +101,10 @@ def heavy_layers(proto: Any) -> list[HeavyLayer]:
 def prefix_model(proto: Any, layer: HeavyLayer) -> Any:
     """The graph cut at ``layer``'s output (inputs it does not use are dropped), reshaped to
     [batch, -1]: a 2-D Gemm sees [batch * tokens, features], and runners split outputs by batch."""
-    import onnx.utils
-    from onnx import TensorProto, helper
-
     import onnx.checker
     import onnx.shape_inference
+    import onnx.utils
+    from onnx import TensorProto, helper
 
     try:
         prefix = onnx.utils.Extractor(proto).extract_model([i.name for i in proto.graph.input], [layer.output])

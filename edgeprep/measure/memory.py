@@ -109,8 +109,17 @@ def _run_in_subprocess(artifact: Any, inputs: Sequence[Any], *, threads: int, wa
                        log: Callable[[str], None]) -> Mapping[str, Any]:
     """The runner's result event for one artifact, run by ``sys.executable`` (session.py's protocol)."""
     from edgeprep.errors import EdgeprepError, RuntimeFailure
-    from edgeprep.remote.session import (_cancel, _collect, _frame, _npz_bytes, _Session, remove_local_dir,
-                                         runner_args, runner_source, runtime_info)
+    from edgeprep.remote.session import (
+        _cancel,
+        _collect,
+        _frame,
+        _npz_bytes,
+        _Session,
+        remove_local_dir,
+        runner_args,
+        runner_source,
+        runtime_info,
+    )
 
     device = LocalProcess()
     source = runner_source()

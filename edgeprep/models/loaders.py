@@ -64,8 +64,15 @@ def _hf_builtins() -> tuple[str, ...]:
 def _load_hf(cfg: ModelConfig, path: Path | None) -> ModelHandle:
     """A Hugging Face model directory (or a built-in one): an image classifier (ViT, DeiT, ...) as a
     classifier, anything else as a packed sentence-embedding model."""
-    from edgeprep.models.hf import (BUILTIN_DIRS, DEFAULT_TEXT_DATA, PackedTokens, is_image_classifier,
-                                    load_image_classifier, load_sentence_encoder, read_config)
+    from edgeprep.models.hf import (
+        BUILTIN_DIRS,
+        DEFAULT_TEXT_DATA,
+        PackedTokens,
+        is_image_classifier,
+        load_image_classifier,
+        load_sentence_encoder,
+        read_config,
+    )
 
     for key in ("factory", "input_shape"):
         if getattr(cfg, key) is not None:

@@ -22,8 +22,14 @@ from edgeprep.errors import BadInputError
 from edgeprep.models.vit import Attention as VitAttention
 from edgeprep.pruning.bert import is_bert_layer, self_attention_name
 from edgeprep.pruning.groups import matches
-from edgeprep.quant.attention import (QatBertSelfAttention, QatHFViTSelfAttention, QatViTAttention, Taps,
-                                      _TappedAttention, bert_out_tap)
+from edgeprep.quant.attention import (
+    QatBertSelfAttention,
+    QatHFViTSelfAttention,
+    QatViTAttention,
+    Taps,
+    _TappedAttention,
+    bert_out_tap,
+)
 from edgeprep.quant.embedding import QuantEmbedding
 from edgeprep.quant.linear import ACTIVATION_MODES, WEIGHT_MODES, QuantLinear
 from edgeprep.quant.smooth import replay_smoothing

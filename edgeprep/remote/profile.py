@@ -25,8 +25,7 @@ import numpy as np
 
 from edgeprep.measure.latency import summarize_ns
 from edgeprep.measure.memory import DEVICE_RUNNER, memory_entry
-from edgeprep.remote.emulate import (EMULATED_ITERS, EMULATED_WARMUP, LATENCY_NOTE, EmulatedDevice,
-                                     NativeDevice)
+from edgeprep.remote.emulate import EMULATED_ITERS, EMULATED_WARMUP, LATENCY_NOTE, EmulatedDevice, NativeDevice
 from edgeprep.remote.session import AnyDevice, run_on_device
 from edgeprep.types import Artifact
 

@@ -318,6 +318,7 @@ def measure(job, workdir):
     first so the peak RSS reported is the deployment's (load + inference at that batch), not the
     parity pass's, which runs up to 256 rows at a time."""
     import gc
+
     import numpy as np
     # The mark restarts here, so peak - before is the load and the timed calls alone (Python, numpy
     # and the runtime are already imported); where it cannot restart, before is the mark so far.

@@ -132,7 +132,7 @@ class SLAInference(nn.Module):
     def __init__(self, sla: SimplifiedLinearAttention):
         super().__init__()
         heads, head_dim = sla.num_heads, sla.head_dim
-        inner, dim = heads * head_dim, sla.qkv.in_features
+        inner = heads * head_dim
         tokens = sla.pos.shape[1]
         self.num_heads, self.head_dim, self.grid = heads, head_dim, sla.grid
         self.prefix_tokens, self.order = sla.prefix_tokens, sla.order

@@ -18,10 +18,15 @@ from edgeprep.binary.cost import count_ops, model_bytes
 from edgeprep.context import Context
 from edgeprep.recipe import BinarizeConfig, TrainConfig
 from edgeprep.reparam.fold import fold_reparam, has_reparam
-from edgeprep.stages.qat import (CALIB_BATCH, calibrate, distil_with_intervention, history_with_modes,
-                                 intervention_steps, tapped_teacher)
+from edgeprep.stages.qat import (
+    CALIB_BATCH,
+    calibrate,
+    distil_with_intervention,
+    history_with_modes,
+    intervention_steps,
+    tapped_teacher,
+)
 from edgeprep.train import evaluate_accuracy
-
 
 ACT_BITS = {"binary": 1, "int8": 8, "none": 32}
 

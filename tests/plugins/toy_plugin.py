@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from pydantic import Field
-
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from edgeprep.errors import BadInputError
