@@ -32,7 +32,7 @@ demo: devices
 	$(BIN)/edgeprep run recipes/quickstart.yaml --force
 
 test: devices
-	$(BIN)/ruff check edgeprep exporters tests benchmarks runtime_tests
+	$(BIN)/ruff check edgeprep exporters tests benchmarks runtime_tests examples
 	$(BIN)/python -m pytest tests --durations=25
 
 bench: devices

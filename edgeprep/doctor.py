@@ -9,6 +9,10 @@ import platform
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+# What importing or probing a broken install raises: a missing shared library or symbol (ImportError,
+# OSError), a wrong-ABI build (RuntimeError, AttributeError, ValueError), a probe's wrong result.
+BROKEN_INSTALL_ERRORS = (ImportError, OSError, RuntimeError, AttributeError, ValueError, TypeError, AssertionError)
+
 
 @dataclass(frozen=True)
 class Component:
@@ -98,7 +102,7 @@ def diagnose() -> list[dict]:
             try:
                 importlib.import_module(c.module)
                 row["usable"], row["note"] = c.probe() if c.probe else (True, "imports")
-            except Exception as exc:  # a broken install must show here, not crash doctor
+            except BROKEN_INSTALL_ERRORS as exc:  # a broken install must show here, not crash doctor
                 row["note"] = f"installed but fails: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
         rows.append(row)
     rows.append(_ssh_row())

@@ -77,14 +77,14 @@ _loaded = False
 
 def register_stage(spec: StageSpec) -> StageSpec:
     if spec.kind in _STAGES and _STAGES[spec.kind] is not spec:
-        raise ValueError(f"stage kind {spec.kind!r} is already registered")
+        raise BadInputError(f"stage kind {spec.kind!r} is already registered; a plugin must pick a new kind")
     _STAGES[spec.kind] = spec
     return spec
 
 
 def register_target(spec: TargetSpec) -> TargetSpec:
     if spec.name in _TARGETS and _TARGETS[spec.name] is not spec:
-        raise ValueError(f"export target {spec.name!r} is already registered")
+        raise BadInputError(f"export target {spec.name!r} is already registered; a plugin must pick a new name")
     _TARGETS[spec.name] = spec
     return spec
 
@@ -102,6 +102,8 @@ def _ensure_loaded() -> None:
         except ImportError as exc:
             raise BadInputError(f"plugin {name!r} (from {PLUGINS_ENV} or the {PLUGIN_ENTRY_POINTS} entry points) "
                                 f"cannot be imported ({exc}); install it or fix the name") from None
+        except BadInputError as exc:  # e.g. it registers a kind or target that already exists
+            raise BadInputError(f"plugin {name!r}: {exc}") from None
 
 
 def plugin_modules() -> list[str]:

@@ -1,5 +1,5 @@
 """Extension without editing the package: a stage kind and an export target registered by a plugin
-module (tests/plugins/toy_plugin.py, loaded through EDGEPREP_PLUGINS) work end to end: recipe load,
+module (examples/plugins/toy_plugin.py, loaded through EDGEPREP_PLUGINS) work end to end: recipe load,
 run, --resume (the stage's decision replays), their own report sections, the stage's generated
 command and `edgeprep export -t npy` with the target's own option."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, error_lines, run_cli
 
 PLUGIN_ENV = {"EDGEPREP_PLUGINS": "toy_plugin",
-              "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "plugins"), os.environ.get("PYTHONPATH", "")])}
+              "PYTHONPATH": os.pathsep.join([str(REPO / "examples" / "plugins"), os.environ.get("PYTHONPATH", "")])}
 
 RECIPE = """name: toy
 model: {source: "toy_plugin:mlp"}
@@ -95,3 +95,14 @@ def test_plugin_target_exports_and_is_judged(toy_run):
                    env=PLUGIN_ENV)  # another target's option is refused by name
     lines = error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and "at dtype: unknown key 'dtype'" in lines[0], proc.stderr
+
+
+def test_a_plugin_reusing_a_builtin_kind_is_one_line(tmp_path):
+    (tmp_path / "clash_plugin.py").write_text(
+        "from edgeprep.recipe import PruneConfig\n"
+        "from edgeprep.registry import StageSpec, register_stage\n"
+        "register_stage(StageSpec('prune', PruneConfig, object))\n")
+    proc = run_cli("recipes", cwd=tmp_path, env={"EDGEPREP_PLUGINS": "clash_plugin", "PYTHONPATH": str(tmp_path)})
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "plugin 'clash_plugin': stage kind 'prune' is already registered; a plugin must pick a new kind" in lines[0]

@@ -3,8 +3,10 @@
 - a `noop` stage kind that changes nothing but records a decision and its own report section;
 - an `npy` export target: an MLP's Linear weights as a .npz, run by a numpy runtime ("numpy").
 
-The tests prove a new stage or target needs no edit to any package file: recipe, run, --resume,
-report sections, and the CLI commands (`edgeprep noop`, `edgeprep export -t npy`)."""
+An example, not a test: tests/test_plugins.py loads it and asserts that a new stage or target needs
+no edit to any package file (recipe, run, --resume, report sections, `edgeprep noop`,
+`edgeprep export -t npy`). Run it yourself with
+`EDGEPREP_PLUGINS=toy_plugin PYTHONPATH=examples/plugins edgeprep noop --help`."""
 from __future__ import annotations
 
 from typing import Any, Literal, Mapping
